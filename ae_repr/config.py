@@ -1,0 +1,191 @@
+"""The experiment configuration: one frozen pydantic model loaded from YAML, overridable from the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+ALL_VARIANTS = ("ae", "dae", "vae", "beta_vae", "vq_vae", "hier_vae")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Frozen):
+    """Which data set, and how it is split (a `split` column in the data wins)."""
+
+    dataset: str = "digits"
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    split_seed: int = 0
+
+
+class ModelsConfig(_Frozen):
+    """Which variants to train, their shared latent width and backbone, and per-variant overrides."""
+
+    variants: tuple[str, ...] = ALL_VARIANTS
+    latent_dim: int = Field(16, gt=0)
+    backbone: Literal["auto", "mlp", "conv"] = "auto"
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)  # variant -> its config fields
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _split_csv(cls, v: Any) -> Any:
+        return tuple(s.strip() for s in v.split(",") if s.strip()) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _known_variants(self) -> ModelsConfig:
+        from .models import REGISTRY  # late: models import torch
+
+        unknown = [v for v in (*self.variants, *self.overrides) if v not in REGISTRY]
+        if unknown:
+            raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(REGISTRY)}")
+        if not self.variants:
+            raise ValueError("no variants selected")
+        for v in self.variants:
+            self.model_config_for(v)  # validates overrides now, not at training time
+        return self
+
+    def model_config_for(self, variant: str):  # -> ModelConfig
+        """The variant's typed config: registry defaults < shared fields < per-variant overrides."""
+        from .models import model_config
+
+        return model_config(
+            variant, latent_dim=self.latent_dim, backbone=self.backbone, **self.overrides.get(variant, {})
+        )
+
+
+class TrainConfig(_Frozen):
+    """Optimization and schedules, shared by every variant."""
+
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    val_fraction: float = Field(0.1, ge=0, lt=1)  # of the train split, for early stopping
+    patience: int = Field(8, gt=0)  # early stopping: epochs without val improvement
+    kl_warmup_epochs: int = Field(0, ge=0)  # KL weight ramps linearly from 0 to 1 over these epochs
+    free_bits: float = Field(0.0, ge=0)  # per-dimension KL floor in nats
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    timeout_s: float = Field(3600, gt=0)  # a training task taking longer fails
+
+
+class EvalConfig(_Frozen):
+    """Evaluation protocol settings."""
+
+    baselines: tuple[str, ...] = ("raw", "pca", "ica", "random_projection")
+    knn_k: tuple[int, ...] = (5, 20)
+    fewshot_k: tuple[int, ...] = (1, 5, 10, 50)
+    fewshot_seeds: int = Field(5, ge=2)
+    fewshot_finetune: bool = True
+    finetune_lr: float = Field(1e-3, gt=0)
+    finetune_epochs: int = Field(100, gt=0)
+    trustworthiness_max_rows: int = Field(2000, gt=10)
+    map_method: Literal["tsne", "umap", "none"] = "tsne"
+    map_max_rows: int = Field(2000, gt=10)
+
+
+class TrackingConfig(_Frozen):
+    """MLflow settings (used by flows/ only)."""
+
+    enabled: bool = True
+    experiment: str = "pretrain-and-probe"
+    register_models: bool = True
+    log_models: bool = True
+
+
+class ExperimentConfig(_Frozen):
+    """Everything one run of pretrain-and-probe needs."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    seed: int = 0
+
+    def with_overrides(
+        self,
+        *,
+        dataset: str | None = None,
+        variants: str | list[str] | tuple[str, ...] | None = None,
+        epochs: int | None = None,
+        latent_dim: int | None = None,
+    ) -> ExperimentConfig:
+        """A copy with the CLI's top-level overrides applied and validated."""
+        d = self.model_dump()
+        if dataset is not None:
+            d["data"]["dataset"] = dataset
+        if variants is not None:
+            d["models"]["variants"] = variants
+        if epochs is not None:
+            d["train"]["epochs"] = epochs
+        if latent_dim is not None:
+            d["models"]["latent_dim"] = latent_dim
+        return validate_config(d, source="options")
+
+    def sha256(self, *sections: str) -> str:
+        """Stable hash of the whole config or of the named sections."""
+        d = self.model_dump(mode="json")
+        if sections:
+            d = {s: d[s] for s in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+    def flat(self) -> dict[str, str]:
+        """Flattened `section.key` -> string, for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, v: Any) -> None:
+            if isinstance(v, dict) and v:
+                for k, sub in v.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), sub)
+            else:
+                out[prefix] = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def validate_config(d: Any, source: str = "config") -> ExperimentConfig:
+    """Validate a plain dict as an ExperimentConfig; ConfigError with one line on failure."""
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(d).__name__}")
+    try:
+        return ExperimentConfig.model_validate(d)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_first_error(e)}") from None
+
+
+def load_config(path: str | Path | None = None) -> ExperimentConfig:
+    """Load a YAML experiment config (the packaged default when `path` is None)."""
+    p = Path(path) if path is not None else DEFAULT_CONFIG
+    if not p.is_file():
+        if path is None:  # an installed copy without configs/: the built-in defaults are the same
+            return ExperimentConfig()
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: invalid YAML{where}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read config ({e.__class__.__name__})") from None
+    return validate_config(d, source=str(p))

@@ -1,0 +1,106 @@
+"""The in-memory data set every stage works on, its deterministic split, and train-fitted normalization."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Raw samples (images kept in their storage dtype, e.g. uint8) with ids, split and optional labels."""
+
+    name: str  # the --dataset spec it was loaded from
+    x: np.ndarray  # (N, D) tabular or (N, C, H, W) images, raw dtype
+    split: np.ndarray  # (N,) str: "train" | "test"
+    sample_id: np.ndarray  # (N,) int64
+    sha256: str  # of the raw content (x, labels, split), stable across runs
+    labels: np.ndarray | None = None  # (N,) int64
+    factors: np.ndarray | None = None  # (N, F) ground-truth generative factors (dsprites)
+    factor_names: tuple[str, ...] = field(default=())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return self.x.ndim == 4
+
+    @property
+    def train_idx(self) -> np.ndarray:
+        return np.flatnonzero(self.split == "train")
+
+    @property
+    def test_idx(self) -> np.ndarray:
+        return np.flatnonzero(self.split == "test")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def stratified_split(n: int, labels: np.ndarray | None, test_fraction: float = 0.25, seed: int = 0) -> np.ndarray:
+    """Deterministic train/test assignment, stratified by label when labels exist."""
+    rng = np.random.default_rng(seed)
+    split = np.full(n, "train", dtype=object)
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    for idx in groups:
+        idx = rng.permutation(idx)
+        n_test = int(round(len(idx) * test_fraction))
+        split[idx[:n_test]] = "test"
+    if (split == "test").sum() == 0 or (split == "train").sum() < 2:
+        raise DataError(f"too few rows to split ({n}): need at least 2 for training and 1 for testing")
+    return split.astype(str)
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """x -> (x - shift) * scale, fitted on the train split; scalar for images, per-feature for tables."""
+
+    shift: np.ndarray
+    scale: np.ndarray
+    kind: str  # "minmax" (images: global min/max to [0, 1]) | "standard" (tables: per-feature z-score)
+
+    @classmethod
+    def fit(cls, x_train: np.ndarray) -> Normalizer:
+        """Fit on training rows: images are scaled to [0, 1]; tabular features are standardized."""
+        x = x_train.astype(np.float64, copy=False)
+        if x.ndim == 4:
+            lo, hi = float(x.min()), float(x.max())
+            return cls(np.array(lo), np.array(1.0 / (hi - lo) if hi > lo else 1.0), "minmax")
+        mean, std = x.mean(axis=0), x.std(axis=0)
+        return cls(mean, np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 1.0), "standard")
+
+    @property
+    def bounded(self) -> bool:
+        """True when normalized training data lies in [0, 1] (a Bernoulli likelihood applies)."""
+        return self.kind == "minmax"
+
+    def torch(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize a raw batch on its device as float32."""
+        shift = torch.as_tensor(self.shift, dtype=torch.float32, device=x.device)
+        scale = torch.as_tensor(self.scale, dtype=torch.float32, device=x.device)
+        return (x.float() - shift) * scale
+
+    def numpy(self, x: np.ndarray) -> np.ndarray:
+        """Normalize a raw array as float32."""
+        return ((x.astype(np.float32) - self.shift.astype(np.float32)) * self.scale.astype(np.float32)).astype(
+            np.float32
+        )
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "shift": np.asarray(self.shift).tolist(), "scale": np.asarray(self.scale).tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Normalizer:
+        return cls(np.asarray(d["shift"], dtype=np.float64), np.asarray(d["scale"], dtype=np.float64), d["kind"])
+
+
+def n_features(shape: tuple[int, ...]) -> int:
+    """Number of scalar inputs of a sample shape."""
+    return math.prod(shape)

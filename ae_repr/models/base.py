@@ -1,0 +1,88 @@
+"""The one abstract base every autoencoder variant subclasses, and the config fields all variants share.
+
+A variant maps inputs of a fixed shape (flat `(D,)` or image `(C, H, W)`, already normalized) to a
+`latent_dim`-wide representation (`encode`), back to data space (`decode`), and reports its training
+objective as a dict of named terms (`loss`). Training schedules (KL warm-up, free bits) are passed to
+`loss` as keyword arguments by the trainer; input corruption is applied by the trainer, which then
+calls `loss(corrupted, target=clean)`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+
+class Corruption(BaseModel):
+    """An input corruption for denoising training: `gaussian` (level = noise std), `masking` and
+    `salt_and_pepper` (level = probability per input element)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: Literal["gaussian", "masking", "salt_and_pepper"]
+    level: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _probability_in_range(self) -> Corruption:
+        if self.kind != "gaussian" and not 0 < self.level <= 1:
+            raise ValueError(f"corruption {self.kind} needs a probability level in (0, 1], got {self.level}")
+        return self
+
+
+class ModelConfig(BaseModel):
+    """Fields shared by every variant; each variant's own config subclasses this."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    latent_dim: int = Field(16, gt=0)
+    backbone: Literal["auto", "mlp", "conv"] = "auto"  # auto: conv for (C, H, W) inputs, mlp for flat
+    hidden: tuple[int, ...] = (512, 256)  # MLP widths, input side first
+    channels: tuple[int, ...] = (32, 64)  # conv channels, input side first (each layer halves H and W)
+    likelihood: Literal["auto", "bernoulli", "gaussian"] = "auto"  # auto: bernoulli for data in [0, 1]
+    corruption: Corruption | None = None
+
+
+class Autoencoder(nn.Module, ABC):
+    """Abstract autoencoder: `encode`, `decode`, `loss`; built from a config and the input shape."""
+
+    Config: ClassVar[type[ModelConfig]] = ModelConfig
+
+    def __init__(self, cfg: ModelConfig, input_shape: tuple[int, ...], likelihood: str = "gaussian") -> None:
+        super().__init__()
+        # derived defaults: the trainer resolves likelihood "auto" from the data and passes it in
+        self.cfg = cfg
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.likelihood = likelihood if cfg.likelihood == "auto" else cfg.likelihood
+        assert self.likelihood in ("bernoulli", "gaussian"), f"unknown likelihood {self.likelihood}"
+        assert len(self.input_shape) in (1, 3), f"input shape must be (D,) or (C, H, W), got {self.input_shape}"
+
+    @property
+    def latent_dim(self) -> int:
+        return self.cfg.latent_dim
+
+    @property
+    def input_dim(self) -> int:
+        return math.prod(self.input_shape)
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic representation, (B, latent_dim)."""
+
+    @abstractmethod
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Data-space reconstruction (mean of the likelihood), (B, *input_shape)."""
+
+    @abstractmethod
+    def loss(self, x: torch.Tensor, *, target: torch.Tensor | None = None, **schedule: Any) -> dict[str, torch.Tensor]:
+        """`"loss"`: weighted total for backprop; other keys: detached unweighted scalar terms."""
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x))."""
+        return self.decode(self.encode(x))
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draws from the model's prior, in data space; generative variants override."""
+        raise NotImplementedError(f"{type(self).__name__} has no prior to sample from")
