@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ class Dataset:
     x: np.ndarray  # (N, D) tabular or (N, C, H, W) images, raw dtype
     split: np.ndarray  # (N,) str: "train" | "test"
     sample_id: np.ndarray  # (N,) int64
-    sha256: str  # of the raw content (x, labels, split), stable across runs
+    sha256: str  # of the raw content (x, labels, split, sample_id), stable across runs: see content_sha256
     labels: np.ndarray | None = None  # (N,) int64
     factors: np.ndarray | None = None  # (N, F) ground-truth generative factors (dsprites)
     factor_names: tuple[str, ...] = field(default=())
@@ -42,6 +43,55 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.x)
+
+
+def content_sha256(
+    x: np.ndarray, labels: np.ndarray | None, split: np.ndarray, sample_id: np.ndarray | None = None
+) -> str:
+    """Hex sha256 of a data set's content, independent of memory layout, byte order, machine and spec string.
+
+    Hashed in order: a version tag; x's dtype (little-endian code) and shape, then its bytes in C order
+    and little-endian; the labels as int64 (or a "none" marker); the split as one byte per row
+    (1 = test); the sample ids as int64 (or "none", meaning 0..N-1).
+    """
+    h = hashlib.sha256(b"ae_repr.dataset.v1\n")
+
+    def array(tag: str, a: np.ndarray | None, dtype: np.dtype | None = None) -> None:
+        if a is None:
+            h.update(f"{tag} none\n".encode())
+            return
+        a = np.asarray(a)
+        dt = (np.dtype(dtype) if dtype is not None else a.dtype).newbyteorder("<")
+        h.update(f"{tag} {dt.str} {tuple(a.shape)}\n".encode())
+        h.update(np.ascontiguousarray(a, dtype=dt).reshape(-1).view(np.uint8))
+
+    array("x", x)
+    array("labels", labels, np.int64)
+    array("split", np.asarray(split) == "test", np.uint8)
+    if sample_id is not None and np.array_equal(sample_id, np.arange(len(x))):
+        sample_id = None  # the default ids are implied by the row order
+    array("sample_id", sample_id, np.int64)
+    return h.hexdigest()
+
+
+def make_dataset(
+    name: str,
+    x: np.ndarray,
+    split: np.ndarray,
+    *,
+    labels: np.ndarray | None = None,
+    sample_id: np.ndarray | None = None,
+    factors: np.ndarray | None = None,
+    factor_names: tuple[str, ...] = (),
+) -> Dataset:
+    """Build a Dataset with default sample ids (0..N-1) and its content hash."""
+    sample_id = np.arange(len(x), dtype=np.int64) if sample_id is None else np.asarray(sample_id, dtype=np.int64)
+    split = np.asarray(split).astype(str)
+    labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+    for what, a in (("split", split), ("sample_id", sample_id), ("labels", labels), ("factors", factors)):
+        assert a is None or len(a) == len(x), f"{what} has {len(a)} rows, x has {len(x)}"
+    digest = content_sha256(x, labels, split, sample_id)
+    return Dataset(name, x, split, sample_id, digest, labels, factors, tuple(factor_names))
 
 
 def stratified_split(n: int, labels: np.ndarray | None, test_fraction: float = 0.25, seed: int = 0) -> np.ndarray:

@@ -1,0 +1,276 @@
+"""User data files (.parquet, .csv, .npy, .npz) read into arrays and validated, with one-line DataErrors.
+
+Tables: every numeric column is a feature, except the reserved columns `label` (integer class),
+`split` ("train" | "test") and `sample_id` (unique integers). Arrays: .npy holds the features alone,
+2-D (N, D) as a table, 3-D (N, H, W) or 4-D (N, C, H, W) as images; .npz holds the features under
+`x` (or `X`, `data`, `features`) and optionally `y` (or `label`, `labels`), `split` and `sample_id`.
+Pickled content is never loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+LABEL, SPLIT, SAMPLE_ID = "label", "split", "sample_id"
+RESERVED = (LABEL, SPLIT, SAMPLE_ID)
+NPZ_X_KEYS = ("x", "X", "data", "features")
+NPZ_Y_KEYS = ("y", "label", "labels")
+SUFFIXES = (".parquet", ".csv", ".csv.gz", ".npy", ".npz")
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+@dataclass(frozen=True)
+class RawData:
+    """Validated arrays from a file; split/sample_id are None when the file has none."""
+
+    x: np.ndarray  # (N, D) or (N, C, H, W)
+    labels: np.ndarray | None  # (N,) int64
+    split: np.ndarray | None  # (N,) str "train" | "test"
+    sample_id: np.ndarray | None  # (N,) int64, unique
+
+
+def file_kind(path: str | os.PathLike[str]) -> str | None:
+    """The loader a path's suffix selects ("parquet", "csv", "npy", "npz"), or None."""
+    name = Path(path).name.lower()
+    return next((s.split(".")[1] for s in SUFFIXES if name.endswith(s)), None)
+
+
+def load_file(path: str | os.PathLike[str]) -> RawData:
+    """Read and validate a .parquet, .csv, .npy or .npz data file."""
+    path = Path(path).expanduser()
+    kind = file_kind(path)
+    if kind is None:
+        raise DataError(f"{path}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    if kind in ("parquet", "csv"):
+        return _from_frame(path, _read_parquet(path) if kind == "parquet" else _read_csv(path))
+    return _read_npy(path) if kind == "npy" else _read_npz(path)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowException, OSError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: cannot read Parquet file ({_reason(e)})") from None
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty CSV file") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot read CSV file ({_reason(e)})") from None
+
+
+def _from_frame(path: Path, df: pd.DataFrame) -> RawData:
+    """Split a frame into features and the reserved columns, validating each."""
+    df.columns = [str(c) for c in df.columns]
+    if len(df) == 0:
+        raise DataError(f"{path}: no rows")
+    features = [c for c in df.columns if c not in RESERVED]
+    if not features:
+        raise DataError(f"{path}: no feature columns (columns: {', '.join(df.columns) or 'none'})")
+    columns = []
+    for c in features:
+        col = df[c]
+        if not (pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_complex_dtype(col.dtype)):
+            raise DataError(
+                f"{path}: column {c!r} is not numeric ({col.dtype}); features must be numeric "
+                f"(reserved columns: {', '.join(RESERVED)})"
+            )
+        if col.isna().any():
+            raise DataError(
+                f"{path}: column {c!r} has {int(col.isna().sum())} missing (NaN/null) values, first at row {_first(col.isna())}"
+            )
+        arr = col.to_numpy(dtype=getattr(col.dtype, "numpy_dtype", col.dtype))
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = ~np.isfinite(arr)
+            raise DataError(
+                f"{path}: column {c!r} has {int(bad.sum())} infinite values, first at row {_first(bad)}"
+            )
+        columns.append(arr)
+    dtype = np.result_type(*[a.dtype for a in columns])
+    x = np.empty((len(df), len(columns)), dtype=dtype)
+    for j, a in enumerate(columns):
+        x[:, j] = a
+    labels = _labels(path, f"column {LABEL!r}", df[LABEL]) if LABEL in df else None
+    split = _split(path, f"column {SPLIT!r}", df[SPLIT]) if SPLIT in df else None
+    sample_id = _sample_id(path, f"column {SAMPLE_ID!r}", df[SAMPLE_ID]) if SAMPLE_ID in df else None
+    return RawData(x, labels, split, sample_id)
+
+
+# ---------------------------------------------------------------------------------------------- arrays
+
+
+def _read_npy(path: Path) -> RawData:
+    _check_magic(path, (_NPY_MAGIC,), "a .npy file")
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise _np_error(path, e) from None
+    if a.dtype.names:  # a structured array is a table with named columns
+        return _from_frame(path, pd.DataFrame.from_records(a))
+    return RawData(_features(path, "array", a), None, None, None)
+
+
+def _read_npz(path: Path) -> RawData:
+    _check_magic(path, _ZIP_MAGIC, "a .npz (zip) file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.files)
+            x_key = next((k for k in NPZ_X_KEYS if k in keys), None)
+            if x_key is None:
+                raise DataError(
+                    f"{path}: no features array; expected one named {', '.join(NPZ_X_KEYS)} (found: {', '.join(keys) or 'none'})"
+                )
+            y_key = next((k for k in NPZ_Y_KEYS if k in keys), None)
+            arrays = {k: z[k] for k in (x_key, y_key, SPLIT, SAMPLE_ID) if k is not None and k in keys}
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise _np_error(path, e) from None
+    unused = sorted(set(keys) - set(arrays))
+    if unused:
+        log.info("%s: ignoring arrays %s", path, ", ".join(unused))
+    x = _features(path, f"array {x_key!r}", arrays[x_key])
+    n = len(x)
+    for k, a in arrays.items():
+        if k != x_key and (a.ndim != 1 or len(a) != n):
+            raise DataError(f"{path}: array {k!r} has shape {a.shape}; expected ({n},) to match {x_key!r}")
+    labels = _labels(path, f"array {y_key!r}", pd.Series(arrays[y_key])) if y_key else None
+    split = _split(path, f"array {SPLIT!r}", pd.Series(arrays[SPLIT])) if SPLIT in arrays else None
+    sid = (
+        _sample_id(path, f"array {SAMPLE_ID!r}", pd.Series(arrays[SAMPLE_ID]))
+        if SAMPLE_ID in arrays
+        else None
+    )
+    return RawData(x, labels, split, sid)
+
+
+def _features(path: Path, what: str, a: np.ndarray) -> np.ndarray:
+    """Validate a features array: numeric, finite, (N, D) table or images, (N, H, W) -> (N, 1, H, W)."""
+    if a.dtype.kind not in "biuf":
+        raise DataError(f"{path}: {what} has dtype {a.dtype}; features must be numeric")
+    if a.ndim == 3:
+        a = a[:, None]  # (N, 1, H, W)
+    elif a.ndim == 4 and a.shape[1] > 4 and a.shape[3] <= 4:
+        log.info("%s: %s looks channels-last %s; using (N, C, H, W)", path, what, a.shape)
+        a = np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # (N, C, H, W)
+    elif a.ndim not in (2, 4):
+        raise DataError(
+            f"{path}: {what} has shape {a.shape}; expected (N, D) features or (N, H, W) / (N, C, H, W) images"
+        )
+    if len(a) == 0 or a[0].size == 0:
+        raise DataError(f"{path}: {what} is empty (shape {a.shape})")
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a)
+        if bad.any():
+            where = np.argwhere(bad)[0]
+            pos = (
+                f"row {where[0]}, column {where[1]}"
+                if a.ndim == 2
+                else f"index {tuple(int(i) for i in where)}"
+            )
+            raise DataError(f"{path}: {what} has {int(bad.sum())} NaN/Inf values, first at {pos}")
+    return a
+
+
+# ---------------------------------------------------------------------------------------------- reserved
+
+
+def _labels(path: Path, what: str, s: pd.Series) -> np.ndarray:
+    """Integer class labels; floats must be whole numbers, strings are refused."""
+    if s.isna().any():
+        raise DataError(
+            f"{path}: {what} has missing values, first at row {_first(s.isna())}; every row needs a label"
+        )
+    dtype = s.dtype
+    if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_integer_dtype(dtype):
+        return s.to_numpy(dtype=np.int64)
+    if pd.api.types.is_float_dtype(dtype):
+        v = s.to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(v) | (v != np.round(v))
+        if bad.any():
+            i = _first(bad)
+            raise DataError(f"{path}: {what} must hold integer class labels; found {v[i]!r} at row {i}")
+        return v.astype(np.int64)
+    for i, val in enumerate(s):  # strings, objects: name the first value that is not a whole number
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
+            raise DataError(f"{path}: {what} must hold integer class labels; found {val!r} at row {i}")
+    return s.to_numpy(dtype=np.int64)
+
+
+def _split(path: Path, what: str, s: pd.Series) -> np.ndarray:
+    """Split names, "train" or "test" (case and surrounding spaces ignored), with both present."""
+    v = s.map(lambda t: t.decode() if isinstance(t, bytes) else t)
+    v = v.map(lambda t: t.strip().lower() if isinstance(t, str) else t)
+    bad = ~v.isin(["train", "test"]).to_numpy()
+    if bad.any():
+        i = _first(bad)
+        raise DataError(f"{path}: {what} has value {s.iloc[i]!r} at row {i}; expected 'train' or 'test'")
+    out = v.to_numpy(dtype=str)
+    for name in ("train", "test"):
+        if not (out == name).any():
+            raise DataError(f"{path}: {what} has no {name!r} rows; both 'train' and 'test' are needed")
+    return out
+
+
+def _sample_id(path: Path, what: str, s: pd.Series) -> np.ndarray:
+    """Unique integer ids."""
+    if not pd.api.types.is_integer_dtype(s.dtype) or s.isna().any():
+        raise DataError(f"{path}: {what} must hold integers (found {s.dtype})")
+    ids = s.to_numpy(dtype=np.int64)
+    dup = pd.Series(ids).duplicated().to_numpy()
+    if dup.any():
+        i = _first(dup)
+        raise DataError(f"{path}: {what} is not unique: {ids[i]} repeats at row {i}")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _check_magic(path: Path, magics: tuple[bytes, ...], what: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(max(len(m) for m in magics))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({_reason(e)})") from None
+    if not any(head.startswith(m) for m in magics):
+        raise DataError(f"{path}: not {what} (bad magic bytes {head[:6]!r})")
+
+
+def _np_error(path: Path, e: BaseException) -> DataError:
+    if "pickle" in str(e).lower():
+        return DataError(f"{path}: contains Python objects; refusing to unpickle (save plain numeric arrays)")
+    return DataError(f"{path}: cannot read NumPy file ({_reason(e)})")
+
+
+def _first(mask: np.ndarray | pd.Series) -> int:
+    return int(np.flatnonzero(np.asarray(mask))[0])
+
+
+def _reason(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0] or type(e).__name__

@@ -1,0 +1,140 @@
+"""Shared math for every variant, written once: reconstruction likelihoods, Gaussian KLs,
+reparameterization, free bits, active units and the vector-quantization helpers.
+
+Conventions: a reconstruction loss is the negative log-likelihood summed over a sample's
+dimensions and averaged over the batch. Bernoulli: binary cross-entropy on the decoder's raw
+logits (exact NLL). Gaussian: 0.5 * ||x - x_hat||^2, the NLL of N(x_hat, I) without its constant
+D/2 * log(2*pi); `nll_constant` gives that constant so an ELBO or NLL reported from it is a proper
+log-density (see `log_likelihood`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# --- reconstruction ----------------------------------------------------------------------------
+
+
+def recon_loss(output_raw: torch.Tensor, target: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """Negative log-likelihood (without Gaussian constant): summed over dims, mean over the batch."""
+    batch = output_raw.shape[0]
+    if likelihood == "bernoulli":
+        return F.binary_cross_entropy_with_logits(output_raw, target, reduction="sum") / batch
+    return 0.5 * F.mse_loss(output_raw, target, reduction="sum") / batch
+
+
+def nll_constant(likelihood: str, dim: int) -> float:
+    """The constant the Gaussian recon loss leaves out (D/2 * log 2*pi); 0 for Bernoulli."""
+    return 0.5 * dim * math.log(2 * math.pi) if likelihood == "gaussian" else 0.0
+
+
+def log_likelihood(output_raw: torch.Tensor, target: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """Per-sample log p(x | z), constants included, (B,): the quantity an NLL estimate needs."""
+    flat_out, flat_target = output_raw.flatten(1), target.flatten(1)  # (B, D)
+    if likelihood == "bernoulli":
+        return -F.binary_cross_entropy_with_logits(flat_out, flat_target, reduction="none").sum(1)
+    sq = 0.5 * (flat_out - flat_target).pow(2).sum(1)
+    return -(sq + nll_constant(likelihood, flat_out.shape[1]))
+
+
+def likelihood_mean(output_raw: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """The likelihood's mean from the decoder's raw output: sigmoid of logits, or the values."""
+    return torch.sigmoid(output_raw) if likelihood == "bernoulli" else output_raw
+
+
+# --- Gaussian latents --------------------------------------------------------------------------
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per dimension, same shape as `mu`."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def gaussian_kl_two(
+    mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+) -> torch.Tensor:
+    """KL(q || p) between diagonal Gaussians per dimension, same shape as `mu_q`."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) * (-logvar_p).exp() - 1.0)
+
+
+def reparameterize(
+    mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """z = mu + sigma * eps with eps ~ N(0, I); differentiable in mu and logvar."""
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + (0.5 * logvar).exp() * eps
+
+
+def kl_penalty(kl_dims: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
+    """Batch-mean KL of (B, D) per-dimension terms, each dimension floored at `free_bits` nats first."""
+    per_dim = kl_dims.mean(0)  # (D,)
+    return per_dim.clamp(min=free_bits).sum() if free_bits > 0 else per_dim.sum()
+
+
+@torch.no_grad()
+def active_units(mu: torch.Tensor, threshold: float = 0.01) -> torch.Tensor:
+    """Number of latent dims whose posterior mean varies over the rows of `mu` (B, D) by more than `threshold`."""
+    return (mu.detach().var(0, correction=0) > threshold).sum().to(torch.float32)
+
+
+@torch.no_grad()
+def active_units_of(
+    encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 1024, threshold: float = 0.01
+) -> int:
+    """Active units over a whole data tensor, given a posterior-mean `encode` (e.g. `model.encode`)."""
+    mu = torch.cat([encode(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    return int(active_units(mu, threshold).item())
+
+
+def vae_terms(
+    recon: torch.Tensor,
+    kl_dims: torch.Tensor,
+    posterior_mean: torch.Tensor,
+    *,
+    weight: float,
+    free_bits: float,
+    const: float,
+) -> dict[str, torch.Tensor]:
+    """The VAE objective from its parts: total, recon, kl, elbo (with `const`), active_units."""
+    kl = kl_dims.sum(1).mean()
+    # a zero KL weight (warm-up start) leaves the KL out of the graph altogether
+    total = recon + weight * kl_penalty(kl_dims, free_bits) if weight > 0 else recon
+    return {
+        "loss": total,
+        "recon": recon.detach(),
+        "kl": kl.detach(),
+        "elbo": -(recon.detach() + kl.detach() + const),
+        "active_units": active_units(posterior_mean),
+    }
+
+
+# --- vector quantization -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook row (squared Euclidean) for each row of `z` (N, D) -> (N,)."""
+    # ||z||^2 is the same for every code, so argmin ||e||^2 - 2 z.e suffices
+    dist = torch.addmm(codebook.pow(2).sum(1), z, codebook.t(), alpha=-2.0)  # (N, K)
+    return dist.argmin(1)
+
+
+def straight_through(z_e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """Forward value z_q, gradient passed unchanged to z_e."""
+    return z_e + (z_q - z_e).detach()
+
+
+def code_counts(indices: torch.Tensor, codebook_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """How often each code was chosen, (K,); no host sync (unlike bincount on CUDA)."""
+    ones = torch.ones(indices.shape, dtype=dtype, device=indices.device)
+    return torch.zeros(codebook_size, dtype=dtype, device=indices.device).index_add_(0, indices, ones)
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the code usage distribution given by `counts` (K,): K for uniform use, 1 for one code."""
+    p = counts / counts.sum().clamp(min=1)
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())

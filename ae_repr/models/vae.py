@@ -1,0 +1,74 @@
+"""The variational autoencoder (Kingma & Welling 2014, "Auto-Encoding Variational Bayes") and,
+with `beta` != 1, the beta-VAE (Higgins et al. 2017, "beta-VAE: Learning Basic Visual Concepts with
+a Constrained Variational Framework"): a diagonal Gaussian posterior q(z|x), a standard normal prior
+and the loss recon + beta * kl_weight * KL, with optional free bits (Kingma et al. 2016) as a
+per-dimension KL floor. The representation is the posterior mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from ..losses import gaussian_kl, likelihood_mean, nll_constant, recon_loss, reparameterize, vae_terms
+from .backbones import make_decoder, make_encoder
+from .base import Autoencoder, ModelConfig
+
+
+class VAEConfig(ModelConfig):
+    """VAE fields: the KL weight beta (1: the ELBO; > 1: beta-VAE)."""
+
+    beta: float = Field(1.0, ge=0)
+
+
+class VAE(Autoencoder):
+    """Gaussian-latent VAE; `encode` is the posterior mean."""
+
+    Config = VAEConfig
+
+    def __init__(self, cfg: VAEConfig, input_shape: tuple[int, ...], likelihood: str = "gaussian") -> None:
+        super().__init__(cfg, input_shape, likelihood)
+        assert isinstance(cfg, VAEConfig), f"VAE needs a VAEConfig, got {type(cfg).__name__}"
+        self.encoder = make_encoder(self.input_shape, 2 * cfg.latent_dim, cfg)  # -> (mu, logvar)
+        self.decoder = make_decoder(cfg.latent_dim, self.input_shape, cfg)
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z|x) as (mu, logvar), each (B, latent_dim)."""
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return mu, logvar
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior mean, (B, latent_dim)."""
+        return self.posterior(x)[0]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The likelihood mean, (B, *input_shape)."""
+        return likelihood_mean(self.decoder(z), self.likelihood)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decoded draws from the N(0, I) prior, (n, *input_shape)."""
+        device = next(self.parameters()).device
+        return self.decode(torch.randn(n, self.latent_dim, generator=generator, device=device))
+
+    def loss(
+        self,
+        x: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        kl_weight: float = 1.0,
+        free_bits: float = 0.0,
+        **schedule: Any,
+    ) -> dict[str, torch.Tensor]:
+        """recon + beta * kl_weight * KL (free-bits floored); also reports kl, elbo, active_units."""
+        mu, logvar = self.posterior(x)
+        recon = recon_loss(self.decoder(reparameterize(mu, logvar)), x if target is None else target, self.likelihood)
+        return vae_terms(
+            recon,
+            gaussian_kl(mu, logvar),  # (B, latent_dim)
+            mu,
+            weight=self.cfg.beta * kl_weight,
+            free_bits=free_bits,
+            const=nll_constant(self.likelihood, self.input_dim),
+        )

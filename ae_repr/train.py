@@ -1,0 +1,252 @@
+"""The trainer, generic over the registry: AdamW + cosine schedule, validation split, early stopping,
+per-epoch history and resumable atomic checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import DESCRIPTION, WEIGHTS, save_model
+from .config import ExperimentConfig, TrainConfig
+from .corruption import corrupt
+from .data.dataset import Dataset, Normalizer
+from .errors import TrainingDiverged
+from .io import atomic_path, read_json, write_json
+from .models import Autoencoder, ModelConfig, build_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.json"
+LogFn = Callable[[dict[str, float], int], None]  # (metrics, step)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the trained model lies and how training went."""
+
+    model_dir: Path
+    history: list[dict[str, float]]
+    resumed_from: int | None  # the epoch training continued after, when it resumed
+    skipped: bool  # a finished model for the same config was already there
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import ConfigError
+
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def training_key(variant: str, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int, data_sha: str) -> str:
+    """Identity of one training job: a checkpoint or model is reused only when this matches."""
+    from .io import sha256_bytes
+
+    payload = repr((variant, model_cfg.model_dump(mode="json"), train_cfg.model_dump(mode="json"), seed, data_sha))
+    return sha256_bytes(payload.encode())
+
+
+def split_validation(train_idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministically hold out `fraction` of the training rows for early stopping."""
+    perm = np.random.default_rng(seed).permutation(train_idx)
+    n_val = int(round(len(perm) * fraction))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def train_variant(
+    variant: str,
+    data: Dataset,
+    cfg: ExperimentConfig,
+    model_dir: str | os.PathLike[str],
+    *,
+    log_fn: LogFn | None = None,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train one registered variant on `data`'s train split and save it to `model_dir`."""
+    model_dir = Path(model_dir)
+    tc, seed = cfg.train, cfg.seed
+    model_cfg = cfg.models.model_config_for(variant)
+    key = training_key(variant, model_cfg, tc, seed, data.sha256)
+    if (model_dir / WEIGHTS).is_file() and (model_dir / DESCRIPTION).is_file():
+        if read_json(model_dir / DESCRIPTION).get("training_key") == key:
+            log.info("%s: already trained for this config; reusing %s", variant, model_dir)
+            return TrainResult(model_dir, read_json(model_dir / HISTORY), None, True)
+
+    torch.manual_seed(seed)
+    device = resolve_device(tc.device)
+    train_idx, val_idx = split_validation(data.train_idx, tc.val_fraction, seed)
+    normalizer = Normalizer.fit(data.x[train_idx])
+    likelihood = "bernoulli" if normalizer.bounded else "gaussian"
+    model = build_model(variant, model_cfg, data.shape, likelihood).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train_idx) / tc.batch_size))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, tc.epochs * steps_per_epoch))
+
+    state = _State(best_val=math.inf, best_epoch=0, bad_epochs=0, best_weights=None, history=[], epoch=0)
+    resumed_from = _resume(model_dir / CHECKPOINT, key, model, optimizer, scheduler, state)
+    if resumed_from is not None:
+        log.info("%s: resumed from epoch %d", variant, resumed_from)
+
+    x_all = torch.from_numpy(data.x).to(device)  # raw dtype (uint8 images stay uint8); normalized per batch
+    shift = torch.as_tensor(normalizer.shift, dtype=torch.float32, device=device)
+    scale = torch.as_tensor(normalizer.scale, dtype=torch.float32, device=device)
+    tr = torch.as_tensor(train_idx, device=device)
+    va = torch.as_tensor(val_idx, device=device)
+    gen = torch.Generator(device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def batch(idx: torch.Tensor) -> torch.Tensor:
+        return (x_all[idx].float() - shift) * scale
+
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=tc.epochs, initial=state.epoch, desc=variant, unit="epoch", disable=not show, leave=False)
+    while state.epoch < tc.epochs and state.bad_epochs < tc.patience:
+        epoch = state.epoch + 1
+        started = time.perf_counter()
+        gen.manual_seed(seed * 100_003 + epoch)  # each epoch's shuffle and noise depend only on (seed, epoch)
+        schedule = {"kl_weight": min(1.0, epoch / tc.kl_warmup_epochs) if tc.kl_warmup_epochs else 1.0,
+                    "free_bits": tc.free_bits}
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        for idx in tr[torch.randperm(len(tr), generator=gen, device=device)].split(tc.batch_size):
+            xb = batch(idx)
+            with autocast:
+                terms = model.loss(corrupt(xb, model_cfg.corruption, gen), target=xb, **schedule)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            scheduler.step()
+            _accumulate(sums, terms, len(idx))
+        record = {f"train/{k}": v for k, v in _means(sums, len(tr)).items()}
+        record.update({f"val/{k}": v for k, v in _evaluate(model, batch, va, tc.batch_size, autocast, schedule).items()})
+        bad = [k for k, v in record.items() if not math.isfinite(v)]
+        if bad:
+            raise TrainingDiverged(f"{variant}: non-finite {bad[0]} at epoch {epoch}; lower train.lr or check the data")
+        record.update(epoch=epoch, lr=scheduler.get_last_lr()[0], epoch_time_s=time.perf_counter() - started)
+        val_loss = record.get("val/loss", record["train/loss"])
+        if val_loss < state.best_val - 1e-6:
+            state.best_val, state.best_epoch, state.bad_epochs = val_loss, epoch, 0
+            state.best_weights = copy.deepcopy(model.state_dict())
+        else:
+            state.bad_epochs += 1
+        state.epoch = epoch
+        state.history.append(record)
+        _save_checkpoint(model_dir / CHECKPOINT, key, model, optimizer, scheduler, state)
+        if log_fn is not None:
+            log_fn({k: v for k, v in record.items() if k != "epoch"}, epoch)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['train/loss']:.4g}", val=f"{val_loss:.4g}")
+    bar.close()
+    if state.best_weights is not None:
+        model.load_state_dict(state.best_weights)
+    train_time = sum(h["epoch_time_s"] for h in state.history)
+    extra = {
+        "training_key": key,
+        "dataset": data.name,
+        "dataset_sha256": data.sha256,
+        "config_sha256": cfg.sha256(),
+        "seed": seed,
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "early_stopped": state.epoch < tc.epochs,
+        "train_time_s": train_time,
+        "device": str(device),
+    }
+    save_model(model_dir, model.cpu(), variant=variant, normalizer=normalizer, extra=extra)
+    write_json(model_dir / HISTORY, state.history)
+    (model_dir / CHECKPOINT).unlink(missing_ok=True)
+    return TrainResult(model_dir, state.history, resumed_from, False)
+
+
+@dataclass
+class _State:
+    best_val: float
+    best_epoch: int
+    bad_epochs: int
+    best_weights: dict[str, torch.Tensor] | None
+    history: list[dict[str, float]]
+    epoch: int  # epochs completed
+
+
+def _accumulate(sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor], n: int) -> None:
+    # sums stay on the device: one host sync per epoch, not per step
+    for k, v in terms.items():
+        v = v.detach().float() * n
+        sums[k] = sums[k] + v if k in sums else v
+
+
+def _means(sums: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+    if not sums:
+        return {}
+    keys = list(sums)
+    values = (torch.stack([sums[k] for k in keys]) / n).tolist()
+    return dict(zip(keys, values, strict=True))
+
+
+@torch.inference_mode()
+def _evaluate(model: Autoencoder, batch: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, bs: int,
+              autocast: Any, schedule: dict[str, float]) -> dict[str, float]:
+    """Mean loss terms over the validation rows (clean inputs, eval mode)."""
+    if len(idx) == 0:
+        return {}
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    for chunk in idx.split(max(bs, 1024)):
+        xb = batch(chunk)
+        with autocast:
+            _accumulate(sums, model.loss(xb, target=xb, **schedule), len(chunk))
+    return _means(sums, len(idx))
+
+
+def _save_checkpoint(path: Path, key: str, model: Autoencoder, optimizer: torch.optim.Optimizer,
+                     scheduler: Any, state: _State) -> None:
+    payload = {
+        "training_key": key,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "best_weights": state.best_weights,
+        "meta": {"best_val": state.best_val, "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs,
+                 "epoch": state.epoch, "history": state.history},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _resume(path: Path, key: str, model: Autoencoder, optimizer: torch.optim.Optimizer, scheduler: Any,
+            state: _State) -> int | None:
+    """Load a checkpoint written for the same training key; returns the epoch resumed after."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file: start over rather than fail
+        log.warning("ignoring unreadable checkpoint %s (%s)", path, e.__class__.__name__)
+        return None
+    if payload.get("training_key") != key:
+        log.info("checkpoint %s is for another config; starting over", path)
+        return None
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    meta = payload["meta"]
+    state.best_val, state.best_epoch = meta["best_val"], meta["best_epoch"]
+    state.bad_epochs, state.epoch, state.history = meta["bad_epochs"], meta["epoch"], meta["history"]
+    state.best_weights = payload["best_weights"]
+    return state.epoch
