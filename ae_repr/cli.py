@@ -156,7 +156,8 @@ def _cmd_extract(args: argparse.Namespace, created: list[Path]) -> int:
         raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
     loaded = load_model(args.model)
     spec = args.dataset or loaded.meta.get("dataset", "digits")
-    data = load_dataset(spec)
+    split = loaded.meta.get("split", {})  # the split the model was trained with, so features line up with it
+    data = load_dataset(spec, test_fraction=split.get("test_fraction", 0.25), seed=split.get("seed", 0))
     out = _out_dir(args.out, created)
     path = extract_features(args.model, data, out / "features" / f"{loaded.variant}.parquet", batch_size=args.batch_size)
     print(f"{loaded.variant}: {len(data)} rows x {loaded.model.latent_dim} features -> {path}")

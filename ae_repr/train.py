@@ -160,6 +160,7 @@ def train_variant(
         "training_key": key,
         "dataset": data.name,
         "dataset_sha256": data.sha256,
+        "split": {"test_fraction": cfg.data.test_fraction, "seed": cfg.data.split_seed},
         "config_sha256": cfg.sha256(),
         "seed": seed,
         "epochs_run": state.epoch,

@@ -214,11 +214,14 @@ def _labels(path: Path, what: str, s: pd.Series) -> np.ndarray:
         bad = ~np.isfinite(v) | (v != np.round(v))
         if bad.any():
             i = _first(bad)
-            raise DataError(f"{path}: {what} must hold integer class labels; found {v[i]!r} at row {i}")
+            raise DataError(
+                f"{path}: {what} must hold integer class labels; found {float(v[i])!r} at row {i}"
+            )
         return v.astype(np.int64)
     for i, val in enumerate(s):  # strings, objects: name the first value that is not a whole number
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
-            raise DataError(f"{path}: {what} must hold integer class labels; found {val!r} at row {i}")
+            shown = val.item() if isinstance(val, np.generic) else val
+            raise DataError(f"{path}: {what} must hold integer class labels; found {shown!r} at row {i}")
     return s.to_numpy(dtype=np.int64)
 
 
@@ -229,7 +232,8 @@ def _split(path: Path, what: str, s: pd.Series) -> np.ndarray:
     bad = ~v.isin(["train", "test"]).to_numpy()
     if bad.any():
         i = _first(bad)
-        raise DataError(f"{path}: {what} has value {s.iloc[i]!r} at row {i}; expected 'train' or 'test'")
+        shown = s.iloc[i].item() if isinstance(s.iloc[i], np.generic) else s.iloc[i]
+        raise DataError(f"{path}: {what} has value {shown!r} at row {i}; expected 'train' or 'test'")
     out = v.to_numpy(dtype=str)
     for name in ("train", "test"):
         if not (out == name).any():
