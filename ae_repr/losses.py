@@ -83,7 +83,10 @@ def active_units(mu: torch.Tensor, threshold: float = 0.01) -> torch.Tensor:
 
 @torch.no_grad()
 def active_units_of(
-    encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 1024, threshold: float = 0.01
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_size: int = 1024,
+    threshold: float = 0.01,
 ) -> int:
     """Active units over a whole data tensor, given a posterior-mean `encode` (e.g. `model.encode`)."""
     mu = torch.cat([encode(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
@@ -118,8 +121,10 @@ def vae_terms(
 @torch.no_grad()
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codebook row (squared Euclidean) for each row of `z` (N, D) -> (N,)."""
-    # ||z||^2 is the same for every code, so argmin ||e||^2 - 2 z.e suffices
-    dist = torch.addmm(codebook.pow(2).sum(1), z, codebook.t(), alpha=-2.0)  # (N, K)
+    # ||z||^2 is the same for every code, so argmin ||e||^2 - 2 z.e suffices; float32 even under
+    # autocast, where bf16 distances would pick wrong codes
+    with torch.autocast(z.device.type, enabled=False):
+        dist = torch.addmm(codebook.float().pow(2).sum(1), z.float(), codebook.float().t(), alpha=-2.0)  # (N, K)
     return dist.argmin(1)
 
 
@@ -128,7 +133,9 @@ def straight_through(z_e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
     return z_e + (z_q - z_e).detach()
 
 
-def code_counts(indices: torch.Tensor, codebook_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def code_counts(
+    indices: torch.Tensor, codebook_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """How often each code was chosen, (K,); no host sync (unlike bincount on CUDA)."""
     ones = torch.ones(indices.shape, dtype=dtype, device=indices.device)
     return torch.zeros(codebook_size, dtype=dtype, device=indices.device).index_add_(0, indices, ones)

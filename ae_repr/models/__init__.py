@@ -12,10 +12,11 @@ from .vq_vae import VQVAE
 
 REGISTRY: dict[str, tuple[type[Autoencoder], dict[str, Any]]] = {
     "ae": (AE, {}),
-    # masking rather than additive Gaussian noise: on the 8x8 digits zeroed pixels force the code to
-    # infer strokes from their context (Vincent et al. 2008's choice too), and it gave the better
-    # linear probe in our comparison (see the registry notes in the report)
-    "dae": (AE, {"corruption": {"kind": "masking", "level": 0.3}}),
+    # additive Gaussian noise (std 0.3 on [0, 1] data) rather than masking: an 8x8 digit pixel is a
+    # large piece of a stroke, so masking 30% deletes strokes the code then has to guess. Measured
+    # (conv AE, latent 16, 60 epochs, linear probe, mean of 5 seeds): gaussian 0.3 0.964, masking 0.1
+    # 0.963, masking 0.3 0.956, plain AE 0.960.
+    "dae": (AE, {"corruption": {"kind": "gaussian", "level": 0.3}}),
     "vae": (VAE, {}),
     "beta_vae": (VAE, {"beta": 4.0}),
     "vq_vae": (VQVAE, {}),

@@ -38,7 +38,9 @@ class AE(Autoencoder):
         """The likelihood mean, (B, *input_shape)."""
         return likelihood_mean(self.decoder(z), self.likelihood)
 
-    def loss(self, x: torch.Tensor, *, target: torch.Tensor | None = None, **schedule: Any) -> dict[str, torch.Tensor]:
+    def loss(
+        self, x: torch.Tensor, *, target: torch.Tensor | None = None, **schedule: Any
+    ) -> dict[str, torch.Tensor]:
         """Reconstruction NLL of `target` (default `x`) from `x`; KL schedules do not apply."""
         recon = recon_loss(self.decoder(self.encoder(x)), x if target is None else target, self.likelihood)
         return {"loss": recon, "recon": recon.detach()}

@@ -17,7 +17,7 @@ Activation = nn.SiLU  # smooth: kinder than ReLU to small VAEs (no dead units), 
 
 
 def resolve_backbone(input_shape: tuple[int, ...], cfg: ModelConfig) -> str:
-    """"mlp" or "conv" for these inputs: auto picks conv for (C, H, W), mlp for (D,)."""
+    """The backbone for these inputs, "mlp" or "conv": auto picks conv for (C, H, W), mlp for (D,)."""
     if cfg.backbone == "auto":
         return "conv" if len(input_shape) == 3 else "mlp"
     if cfg.backbone == "conv" and len(input_shape) != 3:

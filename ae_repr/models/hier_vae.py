@@ -44,7 +44,9 @@ class HierVAEConfig(VAEConfig):
                 raise ValueError(f"hier_vae needs latent_dim >= 2 for two levels, got {self.latent_dim}")
             return self
         if len(self.level_dims) < 2 or min(self.level_dims) < 1:
-            raise ValueError(f"hier_vae: level_dims needs at least two positive widths, got {list(self.level_dims)}")
+            raise ValueError(
+                f"hier_vae: level_dims needs at least two positive widths, got {list(self.level_dims)}"
+            )
         if sum(self.level_dims) != self.latent_dim:
             raise ValueError(
                 f"hier_vae: level_dims {list(self.level_dims)} sum to {sum(self.level_dims)}, "
@@ -93,7 +95,9 @@ class HierVAE(Autoencoder):
 
     Config = HierVAEConfig
 
-    def __init__(self, cfg: HierVAEConfig, input_shape: tuple[int, ...], likelihood: str = "gaussian") -> None:
+    def __init__(
+        self, cfg: HierVAEConfig, input_shape: tuple[int, ...], likelihood: str = "gaussian"
+    ) -> None:
         super().__init__(cfg, input_shape, likelihood)
         assert isinstance(cfg, HierVAEConfig), f"HierVAE needs a HierVAEConfig, got {type(cfg).__name__}"
         self.level_dims = cfg.resolved_level_dims()  # bottom first
@@ -104,7 +108,9 @@ class HierVAE(Autoencoder):
         self.top_posterior = nn.Linear(width, 2 * self.level_dims[-1])
         self.top_in = nn.Linear(self.level_dims[-1], width)  # z_L -> top-down state
         self.priors = nn.ModuleList(nn.Linear(width, 2 * d) for d in lower)  # state -> (mu_p, logvar_p)
-        self.posteriors = nn.ModuleList(nn.Linear(2 * width, 2 * d) for d in lower)  # [feat, state] -> residual
+        self.posteriors = nn.ModuleList(
+            nn.Linear(2 * width, 2 * d) for d in lower
+        )  # [feat, state] -> residual
         self.top_down = nn.ModuleList(_Residual(width, d) for d in lower)  # state, z_l -> state
         self.decoder = make_decoder(width, self.input_shape, cfg)
 
@@ -120,13 +126,13 @@ class HierVAE(Autoencoder):
         feats = [self.encoder(x)]
         for block in self.bottom_up:
             feats.append(block(feats[-1]))
-        mu, logvar = self.top_posterior(feats[-1]).chunk(2, dim=1)
+        mu, logvar = self.top_posterior(feats[-1]).float().chunk(2, dim=1)
         top = Level(mu, logvar, None, None, reparameterize(mu, logvar) if sample else mu)
         levels: list[Level] = []
 
         def draw(lvl: int, state: torch.Tensor) -> torch.Tensor:
-            mu_p, logvar_p = self.priors[lvl](state).chunk(2, dim=1)
-            d_mu, d_logvar = self.posteriors[lvl](torch.cat([feats[lvl], state], dim=1)).chunk(2, dim=1)
+            mu_p, logvar_p = self.priors[lvl](state).float().chunk(2, dim=1)
+            d_mu, d_logvar = self.posteriors[lvl](torch.cat([feats[lvl], state], dim=1)).float().chunk(2, dim=1)
             mu_q, logvar_q = mu_p + d_mu, logvar_p + d_logvar  # residual normal: posterior relative to prior
             z = reparameterize(mu_q, logvar_q) if sample else mu_q
             levels.append(Level(mu_q, logvar_q, mu_p, logvar_p, z))
@@ -150,7 +156,7 @@ class HierVAE(Autoencoder):
         z_top = torch.randn(n, self.level_dims[-1], generator=generator, device=device)
 
         def draw(lvl: int, state: torch.Tensor) -> torch.Tensor:
-            mu_p, logvar_p = self.priors[lvl](state).chunk(2, dim=1)
+            mu_p, logvar_p = self.priors[lvl](state).float().chunk(2, dim=1)
             return reparameterize(mu_p, logvar_p, generator)
 
         return likelihood_mean(self.decoder(self._walk(z_top, draw)), self.likelihood)

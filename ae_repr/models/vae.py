@@ -36,7 +36,8 @@ class VAE(Autoencoder):
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z|x) as (mu, logvar), each (B, latent_dim)."""
-        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        # float32 even under bf16 autocast: exp(logvar) and the KL lose too much in bf16
+        mu, logvar = self.encoder(x).float().chunk(2, dim=1)
         return mu, logvar
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,9 @@ class VAE(Autoencoder):
     ) -> dict[str, torch.Tensor]:
         """recon + beta * kl_weight * KL (free-bits floored); also reports kl, elbo, active_units."""
         mu, logvar = self.posterior(x)
-        recon = recon_loss(self.decoder(reparameterize(mu, logvar)), x if target is None else target, self.likelihood)
+        recon = recon_loss(
+            self.decoder(reparameterize(mu, logvar)), x if target is None else target, self.likelihood
+        )
         return vae_terms(
             recon,
             gaussian_kl(mu, logvar),  # (B, latent_dim)

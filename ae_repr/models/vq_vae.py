@@ -65,7 +65,8 @@ class VQVAE(Autoencoder):
 
     def _codes(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder outputs as code-sized rows, (B * P, code_dim)."""
-        return self.encoder(x).reshape(-1, self.cfg.code_dim)  # (B, L) -> (B * P, D)
+        # float32 even under bf16 autocast: codebook statistics (counts, EMA sums) need the precision
+        return self.encoder(x).float().reshape(-1, self.cfg.code_dim)  # (B, L) -> (B * P, D)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest codes for rows `z` (N, code_dim): (indices (N,), quantized (N, code_dim))."""
@@ -102,7 +103,9 @@ class VQVAE(Autoencoder):
         size = (self.ema_cluster_size + self.EMA_EPS) / (n + self.cfg.codebook_size * self.EMA_EPS) * n
         self.codebook.copy_(self.ema_embed_sum / size[:, None])
 
-    def loss(self, x: torch.Tensor, *, target: torch.Tensor | None = None, **schedule: Any) -> dict[str, torch.Tensor]:
+    def loss(
+        self, x: torch.Tensor, *, target: torch.Tensor | None = None, **schedule: Any
+    ) -> dict[str, torch.Tensor]:
         """recon + codebook (unless ema) + commitment * commit; updates codebook state in training mode."""
         batch = x.shape[0]
         z = self._codes(x)  # (B * P, D)

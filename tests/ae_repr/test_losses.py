@@ -1,0 +1,156 @@
+"""The shared math in ae_repr.losses against independent computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal, kl_divergence
+
+from ae_repr import losses
+
+
+def _posterior(seed: int = 0, b: int = 6, d: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g), torch.randn(b, d, generator=g) * 0.7
+
+
+def test_gaussian_kl_matches_monte_carlo() -> None:
+    mu, logvar = torch.tensor([[0.8, -1.5, 0.0]]), torch.tensor([[0.5, -1.0, 1.2]])
+    q, p = Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)
+    z = q.sample((200_000,))  # (S, 1, 3)
+    mc = (q.log_prob(z) - p.log_prob(z)).mean(0)
+    torch.testing.assert_close(losses.gaussian_kl(mu, logvar), mc, atol=0.03, rtol=0.02)
+
+
+def test_gaussian_kl_matches_torch_distributions() -> None:
+    mu, logvar = _posterior()
+    expected = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0))
+    torch.testing.assert_close(losses.gaussian_kl(mu, logvar), expected)
+
+
+def test_gaussian_kl_two_matches_torch_distributions() -> None:
+    mu_q, logvar_q = _posterior(1)
+    mu_p, logvar_p = _posterior(2)
+    expected = kl_divergence(Normal(mu_q, (0.5 * logvar_q).exp()), Normal(mu_p, (0.5 * logvar_p).exp()))
+    torch.testing.assert_close(losses.gaussian_kl_two(mu_q, logvar_q, mu_p, logvar_p), expected)
+    # against the standard normal it reduces to gaussian_kl
+    zeros = torch.zeros_like(mu_q)
+    torch.testing.assert_close(
+        losses.gaussian_kl_two(mu_q, logvar_q, zeros, zeros), losses.gaussian_kl(mu_q, logvar_q)
+    )
+
+
+def test_reparameterize_gradients_and_moments() -> None:
+    mu = torch.tensor([1.0, -2.0], requires_grad=True)
+    logvar = torch.tensor([0.0, math.log(4.0)], requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    z = losses.reparameterize(mu.expand(200_000, 2), logvar.expand(200_000, 2), g)
+    torch.testing.assert_close(z.mean(0), mu.detach(), atol=0.02, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.tensor([1.0, 2.0]), atol=0.02, rtol=0)
+    (z.pow(2).mean(0).sum()).backward()
+    # d E[z^2] / d mu = 2 mu; d E[z^2] / d logvar = sigma^2
+    torch.testing.assert_close(mu.grad, 2 * mu.detach(), atol=0.05, rtol=0)
+    torch.testing.assert_close(logvar.grad, torch.tensor([1.0, 4.0]), atol=0.1, rtol=0)
+
+
+def test_reparameterize_generator_is_reproducible() -> None:
+    mu, logvar = _posterior()
+    a = losses.reparameterize(mu, logvar, torch.Generator().manual_seed(5))
+    b = losses.reparameterize(mu, logvar, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and not torch.equal(a, mu)
+
+
+def test_bernoulli_recon_is_binary_cross_entropy_by_hand() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    target = torch.tensor([[1.0, 0.0, 0.3], [1.0, 1.0, 0.0]])
+    total = 0.0
+    for row_l, row_t in zip(logits.tolist(), target.tolist(), strict=True):
+        for lg, t in zip(row_l, row_t, strict=True):
+            p = 1 / (1 + math.exp(-lg))
+            total -= t * math.log(p) + (1 - t) * math.log(1 - p)
+    assert losses.recon_loss(logits, target, "bernoulli").item() == pytest.approx(total / 2, rel=1e-6)
+
+
+def test_gaussian_recon_is_half_squared_error() -> None:
+    out, target = torch.tensor([[1.0, 2.0], [0.0, -1.0]]), torch.tensor([[0.0, 2.5], [1.0, 1.0]])
+    expected = 0.5 * (1 + 0.25 + 1 + 4) / 2
+    assert losses.recon_loss(out, target, "gaussian").item() == pytest.approx(expected)
+
+
+def test_log_likelihood_matches_distributions() -> None:
+    g = torch.Generator().manual_seed(3)
+    out = torch.randn(4, 1, 3, 3, generator=g)
+    binary = (torch.rand(4, 1, 3, 3, generator=g) > 0.5).float()
+    expected_b = Bernoulli(logits=out).log_prob(binary).flatten(1).sum(1)
+    torch.testing.assert_close(losses.log_likelihood(out, binary, "bernoulli"), expected_b)
+    target = torch.randn(4, 1, 3, 3, generator=g)
+    expected_g = Normal(out, 1.0).log_prob(target).flatten(1).sum(1)
+    torch.testing.assert_close(losses.log_likelihood(out, target, "gaussian"), expected_g)
+    # the recon loss is the batch-mean NLL without the Gaussian constant
+    recon = losses.recon_loss(out, target, "gaussian") + losses.nll_constant("gaussian", 9)
+    torch.testing.assert_close(recon, -expected_g.mean())
+
+
+def test_likelihood_mean() -> None:
+    raw = torch.tensor([0.0, 2.0])
+    torch.testing.assert_close(
+        losses.likelihood_mean(raw, "bernoulli"), torch.tensor([0.5, 1 / (1 + math.exp(-2))])
+    )
+    assert torch.equal(losses.likelihood_mean(raw, "gaussian"), raw)
+
+
+def test_kl_penalty_free_bits_floor_per_dimension() -> None:
+    kl_dims = torch.tensor([[0.1, 2.0, 0.0], [0.3, 4.0, 0.0]])  # batch means: 0.2, 3.0, 0.0
+    assert losses.kl_penalty(kl_dims).item() == pytest.approx(3.2)
+    assert losses.kl_penalty(kl_dims, free_bits=0.5).item() == pytest.approx(0.5 + 3.0 + 0.5)
+
+
+def test_active_units_counts_varying_dimensions() -> None:
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(500, 5, generator=g) * torch.tensor(
+        [1.0, 0.5, 0.05, 0.0, 0.3]
+    )  # variances 1, .25, .0025, 0, .09
+    assert losses.active_units(mu).item() == 3
+    assert losses.active_units_of(lambda x: x, mu, batch_size=64) == 3
+
+
+def test_nearest_code_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(0)
+    z, codebook = torch.randn(50, 4, generator=g), torch.randn(16, 4, generator=g)
+    expected = torch.cdist(z, codebook).argmin(1)
+    assert torch.equal(losses.nearest_code(z, codebook), expected)
+
+
+def test_straight_through_value_and_gradient() -> None:
+    z_e = torch.randn(3, 2, requires_grad=True)
+    z_q = torch.randn(3, 2)
+    out = losses.straight_through(z_e, z_q)
+    torch.testing.assert_close(out, z_q)
+    upstream = torch.randn(3, 2)
+    out.backward(upstream)
+    torch.testing.assert_close(z_e.grad, upstream)
+
+
+def test_code_counts_and_perplexity() -> None:
+    idx = torch.tensor([0, 2, 2, 5, 2])
+    assert torch.equal(losses.code_counts(idx, 6), torch.bincount(idx, minlength=6).float())
+    k = 8
+    uniform = losses.code_counts(torch.arange(k).repeat(5), k)
+    assert losses.perplexity(uniform).item() == pytest.approx(k)
+    assert losses.perplexity(losses.code_counts(torch.full((10,), 3), k)).item() == pytest.approx(1.0)
+    p = torch.tensor([1 / 5, 3 / 5, 1 / 5])
+    assert losses.perplexity(losses.code_counts(idx, 6)).item() == pytest.approx(
+        math.exp(-(p * p.log()).sum().item())
+    )
+
+
+def test_vae_terms_weight_zero_leaves_kl_out() -> None:
+    recon = torch.tensor(3.0, requires_grad=True)
+    kl_dims = torch.full((4, 2), 0.25, requires_grad=True)
+    terms = losses.vae_terms(recon, kl_dims, torch.zeros(4, 2), weight=0.0, free_bits=0.0, const=1.0)
+    assert terms["loss"] is recon and terms["kl"].item() == pytest.approx(0.5)
+    assert terms["elbo"].item() == pytest.approx(-(3.0 + 0.5 + 1.0))
+    terms = losses.vae_terms(recon, kl_dims, torch.zeros(4, 2), weight=2.0, free_bits=0.0, const=0.0)
+    assert terms["loss"].item() == pytest.approx(3.0 + 2 * 0.5)

@@ -1,0 +1,133 @@
+"""The contract every registered variant keeps (DESIGN section 2): shapes, loss terms, gradients,
+save/load, strict config. New variants are covered by adding them to the registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from ae_repr.checkpoint import load_model, save_model
+from ae_repr.data.dataset import Normalizer
+from ae_repr.errors import ConfigError
+from ae_repr.models import REGISTRY, Autoencoder, build_model, model_config
+from ae_repr.models.backbones import make_decoder, make_encoder
+
+SHAPES = [(64,), (1, 8, 8)]
+CASES = [(v, s) for v in REGISTRY for s in SHAPES] + [("vae", (1, 28, 28)), ("vq_vae", (1, 28, 28))]
+GENERATIVE = {"vae", "beta_vae", "hier_vae"}
+B = 6
+
+
+def _model(variant: str, shape: tuple[int, ...]) -> Autoencoder:
+    torch.manual_seed(0)
+    cfg = model_config(variant, latent_dim=8, hidden=(32, 16), channels=(8, 16))
+    return build_model(variant, cfg, shape, "bernoulli")
+
+
+def _x(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    return torch.rand(B, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_registry_keys() -> None:
+    assert list(REGISTRY) == ["ae", "dae", "vae", "beta_vae", "vq_vae", "hier_vae"]
+    assert model_config("dae").corruption is not None and model_config("ae").corruption is None
+
+
+@pytest.mark.parametrize(("variant", "shape"), CASES)
+def test_encode_decode_shapes(variant: str, shape: tuple[int, ...]) -> None:
+    model = _model(variant, shape).eval()
+    z = model.encode(_x(shape))
+    assert z.shape == (B, 8) and z.dtype == torch.float32
+    rec = model.decode(z)
+    assert rec.shape == (B, *shape) and 0 <= rec.min() and rec.max() <= 1  # Bernoulli mean
+    assert model.reconstruct(_x(shape)).shape == (B, *shape)
+    if variant in GENERATIVE:
+        assert model.sample(3).shape == (3, *shape)
+    else:
+        with pytest.raises(NotImplementedError):
+            model.sample(3)
+
+
+@pytest.mark.parametrize(("variant", "shape"), CASES)
+def test_loss_terms_and_gradients_reach_every_parameter(variant: str, shape: tuple[int, ...]) -> None:
+    model = _model(variant, shape).train()
+    with torch.no_grad():  # one earlier step on another batch: state such as VQ's data-initialized codebook
+        model.loss(_x(shape, seed=1))
+    out = model.loss(_x(shape), target=_x(shape), kl_weight=0.5, free_bits=0.1, unused_schedule=3)
+    assert torch.isfinite(out["loss"]) and out["loss"].dim() == 0 and out["loss"].requires_grad
+    assert "recon" in out
+    for key, value in out.items():
+        if key != "loss":
+            assert isinstance(value, torch.Tensor) and value.dim() == 0, key
+            assert not value.requires_grad and torch.isfinite(value), key
+    out["loss"].backward()
+    # every parameter (an EMA codebook is a buffer, not a parameter) gets a nonzero gradient
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+@pytest.mark.parametrize("variant", list(REGISTRY))
+def test_loss_under_bf16_autocast(variant: str) -> None:
+    # the trainer runs the loss under bf16 autocast on GPUs; CPU autocast exercises the same casts
+    model = _model(variant, (1, 8, 8)).train()
+    x = _x((1, 8, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.loss(x, target=x)
+    assert all(torch.isfinite(v) for v in out.values())
+    assert all(v.dtype == torch.float32 for k, v in out.items() if k != "loss")
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("variant", list(REGISTRY))
+def test_eval_loss_leaves_state_alone(variant: str) -> None:
+    model = _model(variant, (1, 8, 8)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.loss(_x((1, 8, 8)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("variant", list(REGISTRY))
+def test_save_load_round_trip(variant: str, tmp_path: Path) -> None:
+    shape = (1, 8, 8)
+    model = _model(variant, shape).train()
+    with torch.no_grad():
+        model.loss(_x(shape, seed=2))  # moves training state (VQ counters/codebook) off its initial value
+    model.eval()
+    save_model(
+        tmp_path, model, variant=variant, normalizer=Normalizer(np.array(0.0), np.array(1.0), "minmax")
+    )
+    loaded = load_model(tmp_path)
+    assert type(loaded.model) is type(model) and loaded.model.cfg == model.cfg and not loaded.model.training
+    x = _x(shape)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode(x), model.encode(x))
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("variant", list(REGISTRY))
+def test_unknown_config_keys_rejected(variant: str) -> None:
+    with pytest.raises(ValidationError):
+        model_config(variant, bogus=1)
+    with pytest.raises(ValidationError):
+        model_config(variant, latent_dim=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 9), (1, 64, 64), (2, 5, 5)])
+def test_conv_backbone_handles_odd_sizes(shape: tuple[int, ...]) -> None:
+    cfg = model_config("ae", channels=(4, 8, 8))
+    z = make_encoder(shape, 5, cfg)(torch.zeros(2, *shape))
+    assert z.shape == (2, 5)
+    assert make_decoder(5, shape, cfg)(z).shape == (2, *shape)
+
+
+def test_backbone_choice() -> None:
+    assert isinstance(make_encoder((1, 8, 8), 4, model_config("ae"))[0], torch.nn.Conv2d)
+    assert isinstance(make_encoder((1, 8, 8), 4, model_config("ae", backbone="mlp"))[0], torch.nn.Flatten)
+    with pytest.raises(ConfigError, match="needs image inputs"):
+        make_encoder((64,), 4, model_config("ae", backbone="conv"))
