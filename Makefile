@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo test lint bench bench-quick services services-stop clean
+.PHONY: install demo test lint bench bench-quick services services-stop clean browser
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,20 @@ bench-quick: install
 
 bench: install
 	$(PY) benchmarks/trainer_vs_bare.py
+
+# Headless Chromium for the MLflow UI test (Debian's package; idempotent).
+browser:
+	test -x /usr/bin/chromium || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# Real mode: Prefect server, MLflow server and a local-cpu process worker on 127.0.0.1, PIDs and data
+# under .services/ (ports: PREFECT_PORT / MLFLOW_PORT, default 4200 / 5000 or free ones).
+services: install
+	$(PY) scripts/services.py start $(if $(PREFECT_PORT),--prefect-port $(PREFECT_PORT)) $(if $(MLFLOW_PORT),--mlflow-port $(MLFLOW_PORT))
+
+# Stops exactly the process groups `make services` recorded.
+services-stop:
+	$(PY) scripts/services.py stop
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

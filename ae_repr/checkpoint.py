@@ -62,11 +62,32 @@ def load_model(model_dir: str | os.PathLike[str], map_location: str | torch.devi
     desc, weights = model_dir / DESCRIPTION, model_dir / WEIGHTS
     if not desc.is_file() or not weights.is_file():
         raise UserError(f"no trained model in {model_dir} (expected {DESCRIPTION} and {WEIGHTS})")
-    meta = read_json(desc)
+    try:
+        meta = read_json(desc)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{desc}: unreadable model description ({_first_line(e)})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{desc}: not a model description (expected a JSON object)")
     if sha256_file(weights) != meta.get("weights_sha256"):
         raise UserError(f"{weights}: checksum does not match {desc} (corrupt or replaced file)")
-    cfg = model_config(meta["variant"], **meta["model_config"])
-    model = build_model(meta["variant"], cfg, tuple(meta["input_shape"]), meta["likelihood"])
-    model.load_state_dict(torch.load(weights, map_location=map_location, weights_only=True))
+    try:
+        cfg = model_config(meta["variant"], **meta["model_config"])
+        model = build_model(meta["variant"], cfg, tuple(meta["input_shape"]), meta["likelihood"])
+        normalizer = Normalizer.from_dict(meta["normalizer"])
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
+        raise UserError(f"{desc}: invalid model description ({e.__class__.__name__}: {_first_line(e)})") from None
+    try:
+        # weights_only: tensors and plain containers only; a pickled object is refused, never executed
+        state = torch.load(weights, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{weights}: refused: not a plain state dict of tensors ({_first_line(e)})") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, ValueError) as e:
+        raise UserError(f"{weights}: weights do not fit the model described in {desc} ({_first_line(e)})") from None
     model.eval()
-    return LoadedModel(model, Normalizer.from_dict(meta["normalizer"]), meta)
+    return LoadedModel(model, normalizer, meta)
+
+
+def _first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), e.__class__.__name__)[:300]

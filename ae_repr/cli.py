@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,6 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="experiment YAML whose eval section is used")
     _common(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("compare", help="variants x headline metrics across recent runs, from MLflow",
+                       description="Read the last N pretrain-and-probe runs back from MLflow (MLFLOW_TRACKING_URI, "
+                       "else the local SQLite store) and print one row per variant and run with its headline metrics.")
+    p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: pretrain-and-probe)")
+    p.add_argument("--last", type=int, default=5, metavar="N", help="how many recent flow runs (default 5)")
+    p.add_argument("--csv", metavar="FILE", help="also write the table (with run ids) as CSV")
+    _common(p)
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("log-run", help="upload a finished run directory to MLflow",
+                       description="Upload a run directory written by `ae-repr run` (tracking off, or MLflow down "
+                       "mid-run: see OUT/tracking_pending.json) with everything a live run records: parent and "
+                       "variant runs, params, per-epoch and eval metrics, plots, features and registered models.")
+    p.add_argument("out", metavar="OUT", help="the run directory (holds config.json, models/, summary.parquet)")
+    p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the run's tracking.experiment)")
+    _common(p)
+    p.set_defaults(func=_cmd_log_run)
     return top
 
 
@@ -102,11 +121,18 @@ def _out_dir(path: str, created: list[Path]) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {path}: exists and is not a folder")
     parent = next(p for p in (out, *out.parents) if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"--out {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--out {path}: {parent} is not writable")
-    if not out.exists():
-        out.mkdir(parents=True)
-        created.append(out)
+    try:
+        if not out.exists():
+            # remember the topmost folder this creates, so a failure removes every level of it
+            created.append(out if parent == out.parent else next(p for p in out.parents if p.parent == parent))
+            out.mkdir(parents=True)
+        tempfile.TemporaryFile(dir=out).close()  # root passes os.access on read-only places like /proc
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot write there ({e.strerror or e.__class__.__name__})") from None
     return out
 
 
@@ -135,8 +161,8 @@ def _cmd_train(args: argparse.Namespace, created: list[Path]) -> int:
     if args.variant not in ALL_VARIANTS:
         raise UserError(f"--variant {args.variant!r}: unknown; choose from {', '.join(ALL_VARIANTS)}")
     cfg = _load_cfg(args).with_overrides(variants=[args.variant])
-    data = _load_data(cfg)
     out = _out_dir(args.out, created)
+    data = _load_data(cfg)
     res = train_variant(args.variant, data, cfg, out / "models" / args.variant)
     if res.skipped:
         print(f"{args.variant}: already trained with this config: {res.model_dir}")
@@ -155,10 +181,10 @@ def _cmd_extract(args: argparse.Namespace, created: list[Path]) -> int:
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
     loaded = load_model(args.model)
+    out = _out_dir(args.out, created)
     spec = args.dataset or loaded.meta.get("dataset", "digits")
     split = loaded.meta.get("split", {})  # the split the model was trained with, so features line up with it
     data = load_dataset(spec, test_fraction=split.get("test_fraction", 0.25), seed=split.get("seed", 0))
-    out = _out_dir(args.out, created)
     path = extract_features(args.model, data, out / "features" / f"{loaded.variant}.parquet", batch_size=args.batch_size)
     print(f"{loaded.variant}: {len(data)} rows x {loaded.model.latent_dim} features -> {path}")
     return 0
@@ -183,10 +209,54 @@ def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
     cfg = _load_cfg(args)
     if args.no_tracking:
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
-    out = _out_dir(args.out or os.path.join("runs", cfg.data.dataset.replace(":", "_").replace("/", "_")), created)
-    from flows.pretrain_and_probe import run_local
+    if cfg.tracking.enabled:  # an unreachable MLflow fails now, before any folder or training
+        from flows.tracking import preflight
 
-    return run_local(cfg, out)
+        preflight(cfg)
+    out = _out_dir(args.out or os.path.join("runs", cfg.data.dataset.replace(":", "_").replace("/", "_")), created)
+    from flows.pretrain_and_probe import data_for, run_local
+
+    from .io import exclusive_lock
+
+    with exclusive_lock(out):
+        data_for(cfg)  # bad data fails here, in one line, before the flow starts (the flow reuses this load)
+        return run_local(cfg, out)
+
+
+def _cmd_compare(args: argparse.Namespace, created: list[Path]) -> int:
+    from .config import TrackingConfig
+    from .io import atomic_path
+
+    if args.last <= 0:
+        raise UserError(f"--last must be > 0, got {args.last}")
+    csv = Path(args.csv).expanduser().resolve() if args.csv else None
+    if csv is not None and (csv.is_dir() or not csv.parent.is_dir() or not os.access(csv.parent, os.W_OK)):
+        raise UserError(f"--csv {args.csv}: not a writable file path")
+    from flows.tracking import compare_runs, format_table
+
+    experiment = args.experiment or TrackingConfig().experiment
+    result = compare_runs(experiment, args.last)
+    if result.table.empty:
+        print(f"no pretrain-and-probe runs in MLflow experiment {experiment!r}")
+        return 0
+    print(format_table(result.table))
+    if csv is not None:
+        with atomic_path(csv) as tmp:
+            result.table.to_csv(tmp, index=False)
+        print(f"csv:     {csv}")
+    if result.ui_url:
+        print(f"mlflow:  {result.ui_url}")
+    return 0
+
+
+def _cmd_log_run(args: argparse.Namespace, created: list[Path]) -> int:
+    from flows.tracking import upload_run
+
+    up = upload_run(args.out, experiment=args.experiment)
+    print(f"uploaded {args.out}: parent run {up.parent_id}, {len(up.runs)} variant runs")
+    if up.url:
+        print(f"mlflow:  {up.url}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    # progress (INFO) to stdout, problems (WARNING and up) to stderr: a failure's stderr is its error line
+    info = logging.StreamHandler(sys.stdout)
+    info.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = logging.StreamHandler(sys.stderr)
+    problems.setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s",
+                        handlers=[info, problems])
     for name in ("ae_repr", "evaluation", "flows"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.debug else logging.INFO)
     created: list[Path] = []
@@ -210,10 +286,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         for path in created:  # leave nothing half-written behind
             shutil.rmtree(path, ignore_errors=True)
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")  # one line; --debug has all
         if isinstance(e, UserError):
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+            print(f"{PROG}: error: {first}", file=sys.stderr)
             return 2
-        print(f"{PROG}: failed: {e.__class__.__name__}: {e}", file=sys.stderr)
+        print(f"{PROG}: failed: {e.__class__.__name__}: {first}", file=sys.stderr)
         return 1
 
 

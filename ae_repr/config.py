@@ -50,8 +50,16 @@ class ModelsConfig(_Frozen):
             raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(REGISTRY)}")
         if not self.variants:
             raise ValueError("no variants selected")
-        for v in self.variants:
-            self.model_config_for(v)  # validates overrides now, not at training time
+        for v in dict.fromkeys((*self.variants, *self.overrides)):
+            try:
+                self.model_config_for(v)  # validates overrides now (all of them: a typo fails loudly), not at training time
+            except ValidationError as e:  # name the full key, models.overrides.<variant>.<field>
+                err = e.errors()[0]
+                loc = ".".join(str(p) for p in err["loc"])
+                msg = err["msg"].removeprefix("Value error, ")
+                if loc:
+                    msg = f"{'overrides.' if v in self.overrides else ''}{v}.{loc}: {msg}"
+                raise ValueError(msg) from None
         return self
 
     def model_config_for(self, variant: str):  # -> ModelConfig
@@ -91,15 +99,26 @@ class EvalConfig(_Frozen):
     trustworthiness_max_rows: int = Field(2000, gt=10)
     map_method: Literal["tsne", "umap", "none"] = "tsne"
     map_max_rows: int = Field(2000, gt=10)
+    probe_c_grid: tuple[float, ...] = Field((0.01, 0.1, 1.0, 10.0, 100.0), min_length=1)  # linear-probe C grid
+    probe_folds: int = Field(5, ge=2)  # stratified CV folds on the train split for choosing C
+    fewshot_c: float = Field(1.0, gt=0)  # fixed C of the few-shot logistic head (k*C rows are too few for CV)
+    finetune_patience: int = Field(5, gt=0)  # epochs without held-out improvement before stopping
+    finetune_val_rows: int = Field(500, gt=0)  # held-out train rows (disjoint from the shots) for early stopping
+    finetune_batch_size: int = Field(512, gt=0)  # k*C shots up to this size are one full batch
 
 
 class TrackingConfig(_Frozen):
     """MLflow settings (used by flows/ only)."""
 
     enabled: bool = True
-    experiment: str = "pretrain-and-probe"
-    register_models: bool = True
+    experiment: str = Field("pretrain-and-probe", min_length=1)
+    register_models: bool = True  # as `ae-repr-<variant>`; the first version gets the `champion` alias
     log_models: bool = True
+    log_plots: bool = True  # per-variant figures (loss curves, reconstructions, prior samples, latent map)
+    connect_timeout_s: float = Field(10.0, gt=0, le=30)  # at start: an unreachable server fails the run this fast
+    retries: int = Field(5, ge=0, le=10)  # per write, mid-run; then the run goes on without tracking
+    retry_backoff_s: float = Field(1.0, ge=0)  # first retry delay, doubled each time (capped at 16 s)
+    flush_timeout_s: float = Field(300.0, gt=0)  # the longest the end of a run waits for queued writes
 
 
 class ExperimentConfig(_Frozen):

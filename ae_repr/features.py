@@ -21,15 +21,20 @@ log = logging.getLogger(__name__)
 def encode_all(loaded: LoadedModel, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     """Encode raw rows in batches without autograd; returns (N, latent_dim) float32."""
     model = loaded.model
+    norm = loaded.normalizer
     device = next(model.parameters()).device
-    shift = torch.as_tensor(loaded.normalizer.shift, dtype=torch.float32, device=device)
-    scale = torch.as_tensor(loaded.normalizer.scale, dtype=torch.float32, device=device)
-    out = np.empty((len(x), model.latent_dim), dtype=np.float32)
+    shift = torch.as_tensor(norm.shift, dtype=torch.float32, device=device)
+    scale = torch.as_tensor(norm.scale, dtype=torch.float32, device=device)
+    # [0, 1] data (binary images) needs no arithmetic: only the per-batch float conversion
+    identity = norm.kind == "minmax" and float(norm.shift) == 0.0 and float(norm.scale) == 1.0
+    out = torch.empty((len(x), model.latent_dim), dtype=torch.float32)  # written in place, returned as numpy
     src = torch.from_numpy(x)
     for start in range(0, len(x), batch_size):
-        xb = (src[start : start + batch_size].to(device).float() - shift) * scale
-        out[start : start + len(xb)] = model.encode(xb).float().cpu().numpy()
-    return out
+        xb = src[start : start + batch_size].to(device=device, dtype=torch.float32)  # may be a view of `x`
+        if not identity:
+            xb = (xb - shift).mul_(scale)  # out of place first: never write into the caller's array
+        out[start : start + len(xb)] = model.encode(xb)
+    return out.numpy()
 
 
 def extract_features(

@@ -3,7 +3,7 @@ per-epoch history and resumable atomic checkpoints."""
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 import math
 import os
@@ -84,9 +84,10 @@ def train_variant(
     model_cfg = cfg.models.model_config_for(variant)
     key = training_key(variant, model_cfg, tc, seed, data.sha256)
     if (model_dir / WEIGHTS).is_file() and (model_dir / DESCRIPTION).is_file():
-        if read_json(model_dir / DESCRIPTION).get("training_key") == key:
+        reused = _finished(model_dir, key)
+        if reused is not None:
             log.info("%s: already trained for this config; reusing %s", variant, model_dir)
-            return TrainResult(model_dir, read_json(model_dir / HISTORY), None, True)
+            return TrainResult(model_dir, reused, None, True)
 
     torch.manual_seed(seed)
     device = resolve_device(tc.device)
@@ -94,7 +95,9 @@ def train_variant(
     normalizer = Normalizer.fit(data.x[train_idx])
     likelihood = "bernoulli" if normalizer.bounded else "gaussian"
     model = build_model(variant, model_cfg, data.shape, likelihood).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    # fused: one kernel over all parameters instead of ~10 ops per tensor (~5x cheaper steps on CPU)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
     steps_per_epoch = max(1, math.ceil(len(train_idx) / tc.batch_size))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, tc.epochs * steps_per_epoch))
 
@@ -109,11 +112,17 @@ def train_variant(
     tr = torch.as_tensor(train_idx, device=device)
     va = torch.as_tensor(val_idx, device=device)
     gen = torch.Generator(device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    # [0, 1] data (binary images) needs no arithmetic: only the per-batch float conversion
+    identity = normalizer.kind == "minmax" and float(normalizer.shift) == 0.0 and float(normalizer.scale) == 1.0
 
     def batch(idx: torch.Tensor) -> torch.Tensor:
-        return (x_all[idx].float() - shift) * scale
+        xb = x_all[idx].to(torch.float32)  # a fresh copy (advanced indexing), so in-place is safe
+        return xb if identity else xb.sub_(shift).mul_(scale)
 
+    for stale in model_dir.glob(".*.tmp"):  # torn atomic writes of a killed run: never renamed, never needed
+        stale.unlink(missing_ok=True)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=tc.epochs, initial=state.epoch, desc=variant, unit="epoch", disable=not show, leave=False)
     while state.epoch < tc.epochs and state.bad_epochs < tc.patience:
@@ -123,7 +132,7 @@ def train_variant(
         schedule = {"kl_weight": min(1.0, epoch / tc.kl_warmup_epochs) if tc.kl_warmup_epochs else 1.0,
                     "free_bits": tc.free_bits}
         model.train()
-        sums: dict[str, torch.Tensor] = {}
+        sums = _Sums()
         for idx in tr[torch.randperm(len(tr), generator=gen, device=device)].split(tc.batch_size):
             xb = batch(idx)
             with autocast:
@@ -132,8 +141,8 @@ def train_variant(
             terms["loss"].backward()
             optimizer.step()
             scheduler.step()
-            _accumulate(sums, terms, len(idx))
-        record = {f"train/{k}": v for k, v in _means(sums, len(tr)).items()}
+            sums.add(terms, len(idx))
+        record = {f"train/{k}": v for k, v in sums.means().items()}
         record.update({f"val/{k}": v for k, v in _evaluate(model, batch, va, tc.batch_size, autocast, schedule).items()})
         bad = [k for k, v in record.items() if not math.isfinite(v)]
         if bad:
@@ -142,7 +151,7 @@ def train_variant(
         val_loss = record.get("val/loss", record["train/loss"])
         if val_loss < state.best_val - 1e-6:
             state.best_val, state.best_epoch, state.bad_epochs = val_loss, epoch, 0
-            state.best_weights = copy.deepcopy(model.state_dict())
+            state.best_weights = _copy_weights(model, state.best_weights)
         else:
             state.bad_epochs += 1
         state.epoch = epoch
@@ -175,6 +184,23 @@ def train_variant(
     return TrainResult(model_dir, state.history, resumed_from, False)
 
 
+def _finished(model_dir: Path, key: str) -> list[dict[str, float]] | None:
+    """The history of a finished model in `model_dir` trained for `key` with intact weights, else None."""
+    from .io import sha256_file
+
+    try:
+        desc, history = read_json(model_dir / DESCRIPTION), read_json(model_dir / HISTORY)
+    except (OSError, ValueError):
+        desc, history = None, None
+    if not isinstance(desc, dict) or desc.get("training_key") != key or not isinstance(history, list):
+        return None
+    if sha256_file(model_dir / WEIGHTS) != desc.get("weights_sha256"):
+        log.warning("%s: does not match the checksum in %s (corrupt or replaced); training again",
+                    model_dir / WEIGHTS, DESCRIPTION)
+        return None
+    return history
+
+
 @dataclass
 class _State:
     best_val: float
@@ -185,19 +211,41 @@ class _State:
     epoch: int  # epochs completed
 
 
-def _accumulate(sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor], n: int) -> None:
-    # sums stay on the device: one host sync per epoch, not per step
-    for k, v in terms.items():
-        v = v.detach().float() * n
-        sums[k] = sums[k] + v if k in sums else v
+class _Sums:
+    """Batch-size-weighted means of loss terms; kept on the device and reduced once, at one host sync."""
+
+    def __init__(self) -> None:
+        self.keys: tuple[str, ...] = ()
+        self.rows: list[torch.Tensor] = []  # one (T,) vector of terms per step: one op per step, not ~4 per term
+        self.sizes: list[int] = []
+
+    def add(self, terms: dict[str, torch.Tensor], n: int) -> None:
+        """Record one batch's terms (`n` rows)."""
+        keys = tuple(terms)
+        if keys != self.keys:
+            assert not self.rows, f"loss terms changed within an epoch: {self.keys} -> {keys}"
+            self.keys = keys
+        self.rows.append(torch.stack([v.detach() for v in terms.values()]))
+        self.sizes.append(n)
+
+    def means(self) -> dict[str, float]:
+        """Each term's mean over all recorded rows."""
+        if not self.rows:
+            return {}
+        rows = torch.stack(self.rows).float()  # (steps, T)
+        weights = torch.tensor(self.sizes, dtype=torch.float32, device=rows.device) / sum(self.sizes)
+        return dict(zip(self.keys, (weights @ rows).tolist(), strict=True))
 
 
-def _means(sums: dict[str, torch.Tensor], n: int) -> dict[str, float]:
-    if not sums:
-        return {}
-    keys = list(sums)
-    values = (torch.stack([sums[k] for k in keys]) / n).tolist()
-    return dict(zip(keys, values, strict=True))
+def _copy_weights(model: Autoencoder, into: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's state, written into `into`'s tensors when they fit (no new allocation)."""
+    current = model.state_dict()
+    if into is None or list(into) != list(current) or any(into[k].shape != v.shape for k, v in current.items()):
+        return {k: v.detach().clone() for k, v in current.items()}
+    with torch.no_grad():
+        for k, v in current.items():
+            into[k].copy_(v)
+    return into
 
 
 @torch.inference_mode()
@@ -207,22 +255,24 @@ def _evaluate(model: Autoencoder, batch: Callable[[torch.Tensor], torch.Tensor],
     if len(idx) == 0:
         return {}
     model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    for chunk in idx.split(max(bs, 1024)):
+    sums = _Sums()
+    for chunk in idx.split(max(bs, 512)):  # larger chunks measured no faster (MLP), slower (conv: cache)
         xb = batch(chunk)
         with autocast:
-            _accumulate(sums, model.loss(xb, target=xb, **schedule), len(chunk))
-    return _means(sums, len(idx))
+            sums.add(model.loss(xb, target=xb, **schedule), len(chunk))
+    return sums.means()
 
 
 def _save_checkpoint(path: Path, key: str, model: Autoencoder, optimizer: torch.optim.Optimizer,
                      scheduler: Any, state: _State) -> None:
+    # in an improving epoch the best weights are the model's: stored once (None here), a quarter less to write
+    best_is_current = state.best_epoch == state.epoch
     payload = {
         "training_key": key,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "best_weights": state.best_weights,
+        "best_weights": None if best_is_current else state.best_weights,
         "meta": {"best_val": state.best_val, "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs,
                  "epoch": state.epoch, "history": state.history},
     }
@@ -250,4 +300,6 @@ def _resume(path: Path, key: str, model: Autoencoder, optimizer: torch.optim.Opt
     state.best_val, state.best_epoch = meta["best_val"], meta["best_epoch"]
     state.bad_epochs, state.epoch, state.history = meta["bad_epochs"], meta["epoch"], meta["history"]
     state.best_weights = payload["best_weights"]
+    if state.best_weights is None and state.best_epoch == state.epoch > 0:
+        state.best_weights = payload["model"]  # saved once (see _save_checkpoint); the model holds its own copy
     return state.epoch

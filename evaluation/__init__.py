@@ -1,0 +1,40 @@
+"""Pure functions over feature Parquet files -> tidy result tables, small plots and a report.
+
+Imports ae_repr only (never prefect or mlflow); metrics go out through an optional `log` callback.
+"""
+
+from __future__ import annotations
+
+from .baselines import write_baselines
+from .fewshot import fewshot_frozen
+from .finetune import fewshot_finetune, fewshot_scratch
+from .pipeline import (
+    TASKS,
+    EvaluationFailed,
+    evaluate_dir,
+    evaluate_representation,
+    representations_dir,
+    summarize,
+)
+from .probe import knn, linear_probe
+from .reduction import reduction
+from .results import RESULT_COLUMNS, RESULT_DTYPES, RESULT_SCHEMA
+
+__all__ = [
+    "RESULT_COLUMNS",
+    "RESULT_DTYPES",
+    "RESULT_SCHEMA",
+    "TASKS",
+    "EvaluationFailed",
+    "evaluate_dir",
+    "evaluate_representation",
+    "fewshot_finetune",
+    "fewshot_frozen",
+    "fewshot_scratch",
+    "knn",
+    "linear_probe",
+    "reduction",
+    "representations_dir",
+    "summarize",
+    "write_baselines",
+]

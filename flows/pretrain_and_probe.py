@@ -10,8 +10,14 @@ import functools
 import hashlib
 import json
 import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -21,17 +27,34 @@ from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import ae_repr
+from ae_repr.checkpoint import DESCRIPTION, WEIGHTS
 from ae_repr.config import ExperimentConfig, load_config, validate_config
 from ae_repr.data import Dataset, load_dataset
 from ae_repr.features import extract_features
-from ae_repr.io import write_json
+from ae_repr.io import read_json, sha256_file, write_json
 from ae_repr.train import train_variant
-from evaluation import evaluate_representation, summarize, write_baselines
+from evaluation import evaluate_representation, representations_dir, summarize, write_baselines
 
-from .tracking import Tracker
+from .tracking import Tracker, display_uri, tracking_uri
 
 FLOW_NAME = "pretrain-and-probe"
+TIMINGS = "timings.json"
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _ThreadTimeoutNote(logging.Filter):
+    """Drops Prefect's warning that a timeout in a worker thread cannot interrupt blocking calls.
+
+    It fires for every training task; the trainer's loop is Python between batches, where the
+    timeout's exception does land.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "running in a worker thread" not in record.getMessage()
+
+
+logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutNote())
 
 
 @functools.lru_cache(maxsize=4)
@@ -45,44 +68,126 @@ def data_for(cfg: ExperimentConfig) -> Dataset:
     return _data(cfg.data.dataset, cfg.data.test_fraction, cfg.data.split_seed)
 
 
-def _cache_key(section: str, output: str):
-    """A cache key over (config section, data sha256, package version, run dir, output present)."""
+class _Clock:
+    """Busy seconds and wall span per phase (training, evaluation, tracking...), across task threads.
 
-    def key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
-        cfg: ExperimentConfig = params["cfg"]
-        out = Path(params["out"])
-        target = out / output.format(**params)
-        parts = {
-            "section": cfg.model_dump(mode="json")[section] if section != "all" else cfg.model_dump(mode="json"),
-            "seed": cfg.seed,
-            "data": data_for(cfg).sha256,
-            "version": ae_repr.__version__,
-            "out": str(out.resolve()),
-            "task": ctx.task.name,
-            "params": {k: str(v) for k, v in params.items() if k not in ("cfg", "out", "run_id")},
-            "present": target.exists(),  # a deleted output is recomputed, never served stale from the cache
-        }
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    A phase nested in another (tracking callbacks inside training) is subtracted from the outer one,
+    so the phases add up to the work done.
+    """
 
-    return key
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything measured so far (one flow run at a time per process)."""
+        with self._lock:
+            self.started = time.time()
+            self.busy: dict[str, float] = defaultdict(float)
+            self.spans: dict[str, list[float]] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Attribute the time spent inside to `name`."""
+        stack = self._local.__dict__.setdefault("stack", [])
+        stack.append(0.0)  # time spent in nested phases
+        t0, w0 = time.perf_counter(), time.time()
+        try:
+            yield
+        finally:
+            elapsed, nested = time.perf_counter() - t0, stack.pop()
+            if stack:
+                stack[-1] += elapsed
+            with self._lock:
+                self.busy[name] += elapsed - nested
+                span = self.spans.setdefault(name, [w0, w0])
+                span[0], span[1] = min(span[0], w0), max(span[1], time.time())
+
+    def wrap(self, name: str, fn: F | None) -> F | None:
+        """`fn`, timed as `name` at every call (None stays None)."""
+        if fn is None:
+            return None
+
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.phase(name):
+                return fn(*args, **kwargs)
+
+        return timed  # type: ignore[return-value]
+
+    def summary(self) -> dict[str, Any]:
+        """Seconds per phase: busy (summed over threads) and wall (first start to last end)."""
+        with self._lock:
+            return {
+                "flow_started": self.started,
+                "flow_s": round(time.time() - self.started, 3),
+                "phases": {k: {"busy_s": round(self.busy[k], 3), "wall_s": round(s[1] - s[0], 3)}
+                           for k, s in sorted(self.spans.items())},
+            }
+
+
+CLOCK = _Clock()
+
+
+def _identity(cfg: ExperimentConfig, variant: str) -> dict[str, Any]:
+    """What a trained model depends on: its own model config, training, data, seed, package version."""
+    return {
+        "variant": variant,
+        "model": cfg.models.model_config_for(variant).model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json", exclude={"timeout_s"}),
+        "data": cfg.data.model_dump(mode="json"),
+        "data_sha256": data_for(cfg).sha256,
+        "seed": cfg.seed,
+        "version": ae_repr.__version__,
+    }
+
+
+def _key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _train_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
+    """Cache key of a training task: the variant's identity and the run folder."""
+    cfg: ExperimentConfig = params["cfg"]
+    return _key({"task": "train", "out": str(Path(params["out"]).resolve()), **_identity(cfg, params["variant"])})
+
+
+def _extract_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
+    """Cache key of an extraction task: the variant's identity and the checksum of the weights it encodes with."""
+    cfg: ExperimentConfig = params["cfg"]
+    desc = Path(params["model_dir"]) / DESCRIPTION
+    weights = read_json(desc).get("weights_sha256") if desc.is_file() else None
+    return _key({"task": "extract", "out": str(Path(params["out"]).resolve()), "weights": weights,
+                 **_identity(cfg, params["variant"])})
+
+
+def _evaluate_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
+    """Cache key of an evaluation task: the feature file's content, the eval config, seed and version."""
+    cfg: ExperimentConfig = params["cfg"]
+    path = Path(params["feature_path"])
+    return _key({"task": "evaluate", "out": str(Path(params["out"]).resolve()), "name": params["name"],
+                 "features": sha256_file(path) if path.is_file() else None,
+                 "eval": cfg.eval.model_dump(mode="json"), "seed": cfg.seed, "version": ae_repr.__version__})
 
 
 @task(name="prepare-data", retries=2, retry_delay_seconds=[1, 5])
 def prepare_data(cfg: ExperimentConfig, out: str) -> dict[str, Any]:
     """Load and validate the data, record the config; returns the data's identity."""
-    data = data_for(cfg)
-    write_json(Path(out) / "config.json", cfg.model_dump(mode="json"))
+    with CLOCK.phase("data"):
+        data = data_for(cfg)
+        write_json(Path(out) / "config.json", cfg.model_dump(mode="json"))
     return {"dataset": data.name, "sha256": data.sha256, "rows": len(data), "shape": list(data.shape),
             "labels": data.labels is not None}
 
 
-@task(name="train", tags=["gpu"], persist_result=True,
-      cache_key_fn=_cache_key("models", "models/{variant}/model.pt"), task_run_name="train-{variant}")
+@task(name="train", tags=["gpu"], persist_result=True, cache_key_fn=_train_key, task_run_name="train-{variant}")
 def train_task(variant: str, cfg: ExperimentConfig, out: str, run_id: str | None = None) -> str:
     """Train one variant; returns its model folder."""
     tracker = Tracker.current()
-    res = train_variant(variant, data_for(cfg), cfg, Path(out) / "models" / variant,
-                        log_fn=tracker.metric_logger(run_id), progress=False)
+    with CLOCK.phase("training"):
+        res = train_variant(variant, data_for(cfg), cfg, Path(out) / "models" / variant,
+                            log_fn=CLOCK.wrap("tracking", tracker.metric_logger(run_id)), progress=False)
     if res.skipped:
         get_run_logger().info("%s: already trained for this config, skipped", variant)
     elif res.resumed_from is not None:
@@ -90,33 +195,47 @@ def train_task(variant: str, cfg: ExperimentConfig, out: str, run_id: str | None
     return str(res.model_dir)
 
 
-@task(name="extract", retries=2, retry_delay_seconds=[1, 5], persist_result=True,
-      cache_key_fn=_cache_key("models", "features/{variant}.parquet"), task_run_name="extract-{variant}")
+@task(name="extract", retries=2, retry_delay_seconds=[1, 5], persist_result=True, cache_key_fn=_extract_key,
+      task_run_name="extract-{variant}")
 def extract_task(variant: str, cfg: ExperimentConfig, out: str, model_dir: str, run_id: str | None = None) -> str:
     """Write the variant's features; returns the Parquet path."""
-    path = extract_features(model_dir, data_for(cfg), Path(out) / "features" / f"{variant}.parquet", mlflow_run_id=run_id)
+    with CLOCK.phase("extraction"):
+        path = extract_features(model_dir, data_for(cfg), Path(out) / "features" / f"{variant}.parquet",
+                                mlflow_run_id=run_id)
     return str(path)
 
 
 @task(name="baselines", retries=2, retry_delay_seconds=[1, 5])
 def baselines_task(cfg: ExperimentConfig, out: str, features: list[str]) -> list[str]:
     """Write the baseline feature files (raw, PCA, ICA, random projection) at the same width."""
-    return [str(p) for p in write_baselines(Path(out) / "features", cfg.eval, seed=cfg.seed)]
+    with CLOCK.phase("evaluation"):
+        return [str(p) for p in write_baselines(Path(out) / "features", cfg.eval, seed=cfg.seed)]
 
 
-@task(name="evaluate", task_run_name="evaluate-{name}")
+@task(name="evaluate", persist_result=True, cache_key_fn=_evaluate_key, task_run_name="evaluate-{name}")
 def evaluate_task(name: str, feature_path: str, cfg: ExperimentConfig, out: str, run_id: str | None = None) -> str:
     """Every evaluation task for one representation; returns its tidy results file."""
     tracker = Tracker.current()
-    path = evaluate_representation(Path(feature_path), cfg.eval, eval_dir=Path(out) / "eval" / "by_representation",
-                                   seed=cfg.seed, log=tracker.eval_logger(run_id))
+    with CLOCK.phase("evaluation"):
+        path = evaluate_representation(Path(feature_path), cfg.eval, eval_dir=representations_dir(Path(out)),
+                                       seed=cfg.seed, log=CLOCK.wrap("tracking", tracker.eval_logger(run_id)))
     return str(path)
 
 
 @task(name="summarize", retries=2, retry_delay_seconds=[1, 5])
-def summarize_task(cfg: ExperimentConfig, out: str, failures: dict[str, str]) -> str:
-    """summary.parquet, eval/<task>.parquet, report.md and plots."""
-    return str(summarize(Path(out), cfg.eval, failures=failures))
+def summarize_task(cfg: ExperimentConfig, out: str, names: list[str], failures: dict[str, str]) -> str:
+    """summary.parquet, eval/<task>.parquet, report.md and plots over this run's representations."""
+    with CLOCK.phase("evaluation"):
+        _drop_stale_results(Path(out), set(names) | set(failures))
+        return str(summarize(Path(out), cfg.eval, failures=failures))
+
+
+def _drop_stale_results(out: Path, keep: set[str]) -> None:
+    """Remove per-representation results of representations this run did not ask for (an earlier run's)."""
+    folder = representations_dir(out)
+    for path in folder.glob("*.parquet") if folder.is_dir() else ():
+        if path.name.split(".", 1)[0] not in keep:
+            path.unlink(missing_ok=True)
 
 
 def resolve_config(config: ExperimentConfig | str | dict | None, **overrides: Any) -> ExperimentConfig:
@@ -130,6 +249,11 @@ def resolve_config(config: ExperimentConfig | str | dict | None, **overrides: An
     return base.with_overrides(**overrides)
 
 
+def default_out(cfg: ExperimentConfig) -> Path:
+    """`runs/<dataset>` under the working directory (the checkout, for deployment runs)."""
+    return Path("runs") / cfg.data.dataset.replace(":", "_").replace("/", "_")
+
+
 @flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
 def pretrain_and_probe(
     config: ExperimentConfig | str | None = None,
@@ -140,45 +264,68 @@ def pretrain_and_probe(
     out: str | None = None,
 ) -> State:
     """Pretrain every configured variant, extract features, evaluate them against baselines, report."""
+    CLOCK.reset()
     cfg = resolve_config(config, dataset=dataset, variants=variants, epochs=epochs, latent_dim=latent_dim)
-    out_dir = Path(out or Path("runs") / cfg.data.dataset.replace(":", "_").replace("/", "_")).resolve()
+    out_dir = Path(out or default_out(cfg)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     logger = get_run_logger()
     info = prepare_data(cfg, str(out_dir))
-    tracker = Tracker.start(cfg, out_dir, info)
-    runs = {v: tracker.start_variant(v) for v in cfg.models.variants}
+    with CLOCK.phase("tracking"):
+        tracker = Tracker.start(cfg, out_dir, info)
+        runs = {v: tracker.start_variant(v) for v in cfg.models.variants}
 
-    trained = {v: train_task.with_options(timeout_seconds=cfg.train.timeout_s).submit(v, cfg, str(out_dir), runs[v])
-               for v in cfg.models.variants}
-    extracted = {v: extract_task.submit(v, cfg, str(out_dir), trained[v], runs[v]) for v in cfg.models.variants}
+    # a deleted or never-written output is recomputed (and re-cached), never served stale from the cache
+    trained = {v: train_task.with_options(timeout_seconds=cfg.train.timeout_s,
+                                          refresh_cache=not (out_dir / "models" / v / WEIGHTS).is_file())
+               .submit(v, cfg, str(out_dir), runs[v]) for v in cfg.models.variants}
+    extracted = {v: extract_task.with_options(refresh_cache=not (out_dir / "features" / f"{v}.parquet").is_file())
+                 .submit(v, cfg, str(out_dir), trained[v], runs[v]) for v in cfg.models.variants}
     evaluated: dict[str, PrefectFuture] = {}
     failures: dict[str, str] = {}
     for v, fut in extracted.items():
         fut.wait()
         if fut.state.is_completed():
-            evaluated[v] = evaluate_task.submit(v, fut.result(), cfg, str(out_dir), runs[v])
+            cached = [what for what, f in (("trained model", trained[v]), ("features", fut)) if f.state.name == "Cached"]
+            if cached:
+                logger.info("%s: %s served from the cache (same config, data and version)", v, " and ".join(cached))
+            evaluated[v] = _evaluate(v, fut.result(), cfg, out_dir, runs[v])
         else:
             failures[v] = _reason(trained[v]) or _reason(fut) or fut.state.name
+            logger.error("%s failed: %s", v, failures[v])
     learned = [extracted[v].result() for v in evaluated]
-    if not learned:
-        tracker.finish(failures)
-        return Failed(message=f"every variant failed: {failures}")
-    baselines = baselines_task(cfg, str(out_dir), learned)
-    for path in baselines:
-        name = Path(path).stem
-        evaluated[name] = evaluate_task.submit(name, path, cfg, str(out_dir), None)
+    if learned:
+        baselines = baselines_task(cfg, str(out_dir), learned)
+        for path in baselines:
+            name = Path(path).stem
+            evaluated[name] = _evaluate(name, path, cfg, out_dir, None)
     for name, fut in evaluated.items():
         fut.wait()
         if not fut.state.is_completed():
             failures[name] = _reason(fut) or "evaluation failed"
-    summary = summarize_task(cfg, str(out_dir), failures)
-    tracker.log_results(out_dir, runs, failures)
-    _artifacts(out_dir, tracker)
-    tracker.finish(failures)
-    logger.info("summary: %s; report: %s", summary, out_dir / "report.md")
+            logger.error("evaluation of %s failed: %s", name, failures[name])
+    summary = summarize_task(cfg, str(out_dir), [n for n in evaluated if n not in failures], failures)
+    with CLOCK.phase("tracking"):
+        if not learned:
+            tracker.finish(failures)
+        else:
+            tracker.log_results(out_dir, runs, failures)
+            tracker.finish(failures)
+    _artifacts(out_dir, tracker, failures)
+    timings = CLOCK.summary()
+    write_json(out_dir / TIMINGS, timings)
+    logger.info("summary: %s; report: %s; time per phase: %s", summary, out_dir / "report.md",
+                ", ".join(f"{k} {v['busy_s']:.1f}s" for k, v in timings["phases"].items()))
+    if not learned:
+        return Failed(message=f"every variant failed: {failures}")
     if failures:
         return Failed(message="failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
     return Completed(message=str(summary), data=str(summary))
+
+
+def _evaluate(name: str, feature_path: str, cfg: ExperimentConfig, out_dir: Path, run_id: str | None) -> PrefectFuture:
+    """Submit one representation's evaluation (recomputed when its results file is missing)."""
+    missing = not (representations_dir(out_dir) / f"{name}.parquet").is_file()
+    return evaluate_task.with_options(refresh_cache=missing).submit(name, feature_path, cfg, str(out_dir), run_id)
 
 
 def _reason(fut: PrefectFuture) -> str | None:
@@ -193,22 +340,76 @@ def _reason(fut: PrefectFuture) -> str | None:
     return state.message
 
 
-def _artifacts(out_dir: Path, tracker: Tracker) -> None:
+def headline_markdown(report: Path, failures: dict[str, str]) -> str:
+    """The report's headline table, notes and failures (its plots are files, left out)."""
+    text = report.read_text() if report.is_file() else "# Evaluation report\n\nNo report written."
+    sections = text.split("\n## ")
+    keep = [sections[0]] + [s for s in sections[1:] if not s.startswith("Plots")]
+    md = "\n## ".join(keep).strip()
+    if failures and "## Failed" not in md:
+        md += "\n\n## Failed\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in sorted(failures.items()))
+    return md
+
+
+def _artifacts(out_dir: Path, tracker: Tracker, failures: dict[str, str]) -> None:
     """Prefect artifacts: the report's headline table and a link to the MLflow parent run."""
-    report = out_dir / "report.md"
-    if report.is_file():
-        table = report.read_text().split("\n\n## ")[0]
-        create_markdown_artifact(markdown=table, key="headline-results", description="pretrain-and-probe results")
+    create_markdown_artifact(markdown=headline_markdown(out_dir / "report.md", failures), key="headline-results",
+                             description=f"pretrain-and-probe results in {out_dir}")
     if tracker.parent_url:
         create_link_artifact(link=tracker.parent_url, link_text="MLflow parent run", key="mlflow-run")
 
 
+def mlflow_hint(cfg: ExperimentConfig) -> str:
+    """Where to look at the run in MLflow: the parent run's address or the command that opens the UI."""
+    if not cfg.tracking.enabled:
+        return "MLflow:  tracking disabled"
+    tracker = getattr(Tracker, "_current", None)
+    url = getattr(tracker, "parent_url", None)
+    uri = display_uri(tracking_uri())
+    lines = []
+    if uri.startswith(("http://", "https://")):
+        lines.append(f"MLflow:  {url or uri}")
+    else:
+        lines.append(f"MLflow:  {uri}; open the UI with\n"
+                     f"         mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        if url:
+            lines.append(f"         then {url}")
+    return "\n".join(lines)
+
+
+def timing_line(out: Path, started: float) -> str | None:
+    """One line: start-up (until the flow body ran) and busy seconds per phase, from `<out>/timings.json`."""
+    path = out / TIMINGS
+    if not path.is_file():
+        return None
+    t = read_json(path)
+    order = ["data", "training", "extraction", "evaluation", "tracking"]
+    names = sorted(t["phases"], key=lambda k: order.index(k) if k in order else len(order))
+    phases = ", ".join(f"{k} {t['phases'][k]['busy_s']:.1f}s" for k in names)
+    return (f"time:    start-up {t['flow_started'] - started:.1f}s, flow {t['flow_s']:.1f}s; "
+            f"task time (threads run side by side): {phases}")
+
+
 def run_local(cfg: ExperimentConfig, out: Path) -> int:
     """`ae-repr run`: the flow in-process; returns the exit code."""
-    state = pretrain_and_probe(config=cfg, out=str(out), return_state=True)
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    started = time.time()
+    # the ephemeral API's 20 s default is too short on a busy 2-core machine; an explicit setting wins
+    updates = {} if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ else {
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}
+    (out / TIMINGS).unlink(missing_ok=True)
+    with temporary_settings(updates=updates):
+        state = pretrain_and_probe(config=cfg, out=str(out), return_state=True)
     report = out / "report.md"
+    print()
     if report.is_file():
         print(f"report:  {report}")
+    if (out / "summary.parquet").is_file():
+        print(f"summary: {out / 'summary.parquet'}")
+    if (line := timing_line(out, started)) is not None:
+        print(line)
+    print(mlflow_hint(cfg))
     if state.is_completed():
         return 0
     print(f"ae-repr: run finished with failures: {state.message}")

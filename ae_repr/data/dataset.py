@@ -119,10 +119,11 @@ class Normalizer:
     @classmethod
     def fit(cls, x_train: np.ndarray) -> Normalizer:
         """Fit on training rows: images are scaled to [0, 1]; tabular features are standardized."""
-        x = x_train.astype(np.float64, copy=False)
-        if x.ndim == 4:
-            lo, hi = float(x.min()), float(x.max())
+        if x_train.ndim == 4:
+            # min and max are exact in the raw dtype: no float64 copy (8x a uint8 image set's size)
+            lo, hi = float(x_train.min()), float(x_train.max())
             return cls(np.array(lo), np.array(1.0 / (hi - lo) if hi > lo else 1.0), "minmax")
+        x = x_train.astype(np.float64, copy=False)
         mean, std = x.mean(axis=0), x.std(axis=0)
         return cls(mean, np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 1.0), "standard")
 

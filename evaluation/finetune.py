@@ -1,0 +1,201 @@
+"""Few-shot end to end: the encoder plus a linear head trained on the k*C shots (pretrained or from scratch).
+
+`fewshot_finetune` loads the pretrained model from the feature file's `model_dir`;
+`fewshot_scratch` builds the same variant and config from random initialization (seeded). Both then
+run the same procedure on the few-shot episodes of `evaluation.fewshot`:
+
+1. Inputs are the raw samples of the feature file's rows, normalized with the model's own normalizer.
+2. The head starts as the frozen-feature logistic head fitted on the shots' encodings
+   (`fit_frozen_head`, C = fewshot_c), folded into one `nn.Linear` (linear probe, then fine-tune:
+   Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"), so training starts from the
+   frozen arm's solution rather than from a random head.
+3. Adam (lr = finetune_lr) on all parameters, cross-entropy, full batch up to finetune_batch_size
+   shots, at most finetune_epochs epochs.
+4. Early stopping on the accuracy of at most finetune_val_rows held-out train rows, drawn disjoint
+   from the shots (never test rows); patience finetune_patience; the best state (epoch 0 included)
+   is restored and scored on the test split under `torch.inference_mode`.
+
+Run seeds derive from (seed, episode, k), so variants sharing an architecture and config (ae/dae,
+vae/beta_vae) get identical scratch numbers: that arm never sees the pretrained weights. Torch's
+thread settings are left to the caller.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ae_repr.checkpoint import LoadedModel, load_model
+from ae_repr.config import EvalConfig
+from ae_repr.io import FeatureFile
+from ae_repr.models import Autoencoder, build_model
+
+from .fewshot import fewshot_episodes, fewshot_row, usable_k
+from .inputs import labels, model_dir, raw_inputs, split_mask
+from .probe import fit_frozen_head
+from .results import result_frame
+
+log = logging.getLogger(__name__)
+
+Arm = Literal["finetune", "scratch"]
+_EVAL_BATCH = 2048
+
+
+def fewshot_finetune(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFrame:
+    """Few-shot test accuracy of the pretrained encoder + linear head fine-tuned end to end, per k."""
+    return _end_to_end(ff, cfg, arm="finetune", seed=seed)
+
+
+def fewshot_scratch(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFrame:
+    """Few-shot test accuracy of the same architecture trained from random initialization, per k."""
+    return _end_to_end(ff, cfg, arm="scratch", seed=seed)
+
+
+def _end_to_end(ff: FeatureFile, cfg: EvalConfig, *, arm: Arm, seed: int) -> pd.DataFrame:
+    mdir = model_dir(ff)
+    if mdir is None:
+        log.warning("%s: no model_dir in the feature file; fewshot_%s skipped", ff.name, arm)
+        return result_frame()
+    loaded = load_model(mdir)
+    raw = raw_inputs(ff).x
+
+    def inputs(rows: np.ndarray) -> torch.Tensor:  # (n, *input_shape), normalized as in training
+        x = loaded.normalizer.torch(torch.from_numpy(np.ascontiguousarray(raw[rows])))
+        return x.reshape(len(rows), *loaded.model.input_shape)
+
+    y_all = labels(ff)
+    train, test = np.flatnonzero(split_mask(ff, "train")), np.flatnonzero(split_mask(ff, "test"))
+    classes = np.unique(y_all[train])
+    y = _class_index(y_all, classes)  # -1 for test labels never seen in train: always wrong
+    x_test, y_test = inputs(test), torch.from_numpy(y[test])
+    rows = []
+    for k in usable_k(ff, cfg, task=f"fewshot_{arm}")[0]:
+        accs = []
+        for s, shots in enumerate(fewshot_episodes(ff, k, cfg.fewshot_seeds, seed=seed)):
+            run_seed = int(np.random.SeedSequence([seed, s, k]).generate_state(1)[0])
+            val = holdout_rows(train, shots, cfg.finetune_val_rows, seed=run_seed)
+            model = _initial_model(loaded, arm, run_seed)
+            accs.append(
+                _train_and_score(
+                    model,
+                    (inputs(shots), y[shots]),
+                    (inputs(val), y[val]),
+                    (x_test, y_test),
+                    len(classes),
+                    cfg,
+                    run_seed,
+                )
+            )
+        rows.append(fewshot_row(ff.name, f"fewshot_{arm}", k, accs))
+        log.info("%s: fewshot_%s k=%d accuracy %.4f", ff.name, arm, k, rows[-1]["value"])
+    return result_frame(rows)
+
+
+def holdout_rows(train: np.ndarray, shots: np.ndarray, n: int, *, seed: int) -> np.ndarray:
+    """At most `n` train rows outside the shots, for early stopping (sorted row positions)."""
+    rest = np.setdiff1d(train, shots)
+    return np.sort(np.random.default_rng(seed).permutation(rest)[:n])
+
+
+def _class_index(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    pos = np.minimum(np.searchsorted(classes, y), len(classes) - 1)
+    return np.where(classes[pos] == y, pos, -1).astype(np.int64)
+
+
+def _initial_model(loaded: LoadedModel, arm: Arm, seed: int) -> Autoencoder:
+    """A private copy of the pretrained model, or a fresh one of the same variant/config seeded by `seed`."""
+    if arm == "finetune":
+        return copy.deepcopy(loaded.model)
+    m = loaded.model
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        return build_model(loaded.variant, m.cfg, m.input_shape, m.likelihood)
+
+
+def _lp_head(
+    model: Autoencoder, x: torch.Tensor, y: np.ndarray, n_classes: int, cfg: EvalConfig, seed: int
+) -> nn.Linear:
+    """The frozen-feature logistic head on the shots, its scaler folded in, as an nn.Linear."""
+    model.eval()
+    with torch.inference_mode():
+        z = model.encode(x).numpy()  # float32, as stored in feature files
+    pipe = fit_frozen_head(z, y, Cs=(cfg.fewshot_c,), folds=0, seed=seed)
+    scaler, logreg = pipe.named_steps["scale"], pipe.named_steps["logreg"]
+    w, b = logreg.coef_, logreg.intercept_  # (C, K), (C,); binary: one row for the positive class
+    if w.shape[0] == 1:
+        w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
+    w = w / scaler.scale_  # logits = W (z - mean) / scale + b
+    b = b - w @ scaler.mean_
+    head = nn.Linear(z.shape[1], n_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
+        head.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
+    return head
+
+
+def _accuracy(model: Autoencoder, head: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.inference_mode():
+        pred = torch.cat([head(model.encode(xb)).argmax(1) for xb in x.split(_EVAL_BATCH)])
+    return float((pred == y).double().mean())
+
+
+def _train_and_score(
+    model: Autoencoder,
+    shots: tuple[torch.Tensor, np.ndarray],
+    val: tuple[torch.Tensor, np.ndarray],
+    test: tuple[torch.Tensor, torch.Tensor],
+    n_classes: int,
+    cfg: EvalConfig,
+    seed: int,
+) -> float:
+    """Fine-tune encoder + LP-initialized head on the shots with early stopping; test accuracy of the best state."""
+    (x, y_np), (x_val, y_val_np) = shots, val
+    y, y_val = torch.from_numpy(y_np), torch.from_numpy(y_val_np)
+    head = _lp_head(model, x, y_np, n_classes, cfg, seed)
+    opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=cfg.finetune_lr)
+    gen = torch.Generator().manual_seed(seed)
+
+    def snapshot() -> tuple[dict, dict]:
+        return _clone(model.state_dict()), _clone(head.state_dict())
+
+    best_acc = _accuracy(model, head, x_val, y_val) if len(x_val) else float("-inf")
+    best, stale, best_epoch, epoch = snapshot(), 0, 0, 0
+    for epoch in range(1, cfg.finetune_epochs + 1):
+        model.train()
+        for batch in torch.randperm(len(x), generator=gen).split(cfg.finetune_batch_size):
+            loss = F.cross_entropy(head(model.encode(x[batch])), y[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if len(x_val) == 0:  # the shots are the whole train split: no early stopping, keep the last state
+            best = snapshot()
+            continue
+        acc = _accuracy(model, head, x_val, y_val)
+        if acc > best_acc:
+            best_acc, best, stale, best_epoch = acc, snapshot(), 0, epoch
+        else:
+            stale += 1
+            if stale >= cfg.finetune_patience:
+                break
+    log.debug(
+        "fine-tune: %d shots, %d epochs, best epoch %d (held-out acc %.4f)",
+        len(x),
+        epoch,
+        best_epoch,
+        best_acc,
+    )
+    model.load_state_dict(best[0])
+    head.load_state_dict(best[1])
+    return _accuracy(model, head, *test)
+
+
+def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in state.items()}  # state_dict tensors are detached already

@@ -1,0 +1,189 @@
+"""Reading and validating feature files, and recovering the raw inputs behind them from their data set."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from threadpoolctl import threadpool_limits
+
+from ae_repr.data import Dataset, Normalizer, load_dataset
+from ae_repr.errors import UserError
+from ae_repr.io import FeatureFile, read_features
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("sample_id", "split", "label")
+BASELINE_NAMES = ("raw", "pca", "ica", "random_projection")
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """One BLAS/OpenMP thread for scikit-learn work on small data.
+
+    Two threads made lbfgs fits ~10x slower on a 2-core machine, and t-SNE's OpenMP barriers stalled
+    for tens of seconds whenever other processes shared the cores; one thread is as fast when idle.
+    Torch's own thread settings are left alone.
+    """
+    with threadpool_limits(1):
+        yield
+
+
+def check_feature_file(ff: FeatureFile) -> FeatureFile:
+    """Raise UserError (one line) unless `ff` follows the feature-file contract."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in ff.frame.columns]
+    if missing:
+        raise UserError(f"{ff.path}: missing required column(s) {', '.join(missing)}")
+    z = ff.z_columns
+    if not z:
+        raise UserError(f"{ff.path}: no latent columns z_000 .. z_K-1")
+    expected = [f"z_{i:03d}" for i in range(len(z))]
+    if z != expected:
+        raise UserError(
+            f"{ff.path}: latent columns must be {expected[0]} .. {expected[-1]} in order, got {z[:3]}..."
+        )
+    if ff.frame["sample_id"].isna().any() or ff.frame["sample_id"].duplicated().any():
+        raise UserError(f"{ff.path}: sample_id must be unique and non-null")
+    bad = ~ff.frame["split"].isin(["train", "test"])
+    if bad.any():
+        raise UserError(
+            f"{ff.path}: split has value {ff.frame['split'][bad].iloc[0]!r}; expected 'train' or 'test'"
+        )
+    for name in ("train", "test"):
+        if not (ff.frame["split"] == name).any():
+            raise UserError(f"{ff.path}: no {name!r} rows")
+    if not np.isfinite(ff.z).all():
+        raise UserError(f"{ff.path}: latent columns contain NaN/Inf")
+    return ff
+
+
+def load_feature_file(path: str | os.PathLike[str]) -> FeatureFile:
+    """Read and validate one feature file; UserError when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such feature file")
+    try:
+        ff = read_features(path)
+    except (OSError, ValueError) as e:  # pyarrow errors subclass these
+        raise UserError(
+            f"{path}: cannot read feature Parquet ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
+    return check_feature_file(ff)
+
+
+def feature_paths(features_dir: str | os.PathLike[str]) -> list[Path]:
+    """The feature files in a folder, sorted; UserError when the folder is missing or has none."""
+    features_dir = Path(features_dir)
+    if not features_dir.is_dir():
+        raise UserError(f"{features_dir}: features folder not found")
+    paths = sorted(features_dir.glob("*.parquet"))
+    if not paths:
+        raise UserError(f"{features_dir}: no feature files (*.parquet)")
+    return paths
+
+
+def is_learned(ff: FeatureFile) -> bool:
+    """A learned representation (an encoder's output) rather than a baseline."""
+    return "model_dir" in ff.meta or ff.meta.get("variant", ff.name) not in BASELINE_NAMES
+
+
+def load_feature_dir(
+    features_dir: str | os.PathLike[str], *, learned_only: bool = False
+) -> list[FeatureFile]:
+    """Read and cross-validate the feature files of a folder (same sample ids and splits; learned widths equal)."""
+    files = [load_feature_file(p) for p in feature_paths(features_dir)]
+    if learned_only:
+        files = [f for f in files if is_learned(f)]
+        if not files:
+            raise UserError(
+                f"{features_dir}: no learned feature files (only baselines {', '.join(BASELINE_NAMES)})"
+            )
+    ref = files[0]
+    ref_rows = ref.frame.set_index("sample_id")["split"].sort_index()
+    for ff in files[1:]:
+        rows = ff.frame.set_index("sample_id")["split"].sort_index()
+        if not rows.index.equals(ref_rows.index):
+            raise UserError(
+                f"{ff.path}: sample_id set differs from {ref.path.name} ({len(rows)} vs {len(ref_rows)} rows); "
+                "all feature files must come from the same data"
+            )
+        if not (rows == ref_rows).all():
+            raise UserError(f"{ff.path}: train/test split differs from {ref.path.name}")
+    widths = {ff.name: len(ff.z_columns) for ff in files if is_learned(ff)}
+    if len(set(widths.values())) > 1:
+        desc = ", ".join(f"{n}={w}" for n, w in widths.items())
+        raise UserError(f"{features_dir}: learned feature files disagree on latent width ({desc})")
+    return files
+
+
+def model_dir(ff: FeatureFile) -> Path | None:
+    """The model directory a learned feature file points at (its `model_dir` is relative to the file's folder)."""
+    rel = ff.meta.get("model_dir")
+    return None if not rel else (ff.path.parent / rel).resolve()
+
+
+@functools.lru_cache(maxsize=2)
+def _dataset(spec: str) -> Dataset:
+    return load_dataset(spec)
+
+
+@dataclass(frozen=True)
+class RawInputs:
+    """The raw samples behind a feature file's rows (same order) and their train-fitted normalization."""
+
+    x: np.ndarray  # (N, *shape) raw dtype, aligned with the feature file's rows
+    flat: np.ndarray  # (N, D) float32, normalized with `normalizer`
+    normalizer: Normalizer  # fitted on the feature file's train rows
+
+
+def raw_inputs(ff: FeatureFile) -> RawInputs:
+    """Load the data set named in `ff`'s metadata and align it to `ff`'s rows by sample_id."""
+    spec = ff.meta.get("dataset")
+    if not spec:
+        raise UserError(f"{ff.path}: metadata has no 'dataset'; cannot recover the raw inputs")
+    ds = _dataset(spec)
+    if ff.meta.get("dataset_sha256") and ff.meta["dataset_sha256"] != ds.sha256:
+        log.warning("%s: data set %s hash differs from the one recorded at extraction", ff.path.name, spec)
+    pos = pd.Index(ds.sample_id).get_indexer(ff.frame["sample_id"].to_numpy())
+    if (pos < 0).any():
+        raise UserError(f"{ff.path}: {int((pos < 0).sum())} sample_ids are not in data set {spec!r}")
+    x = ds.x[pos]
+    normalizer = Normalizer.fit(x[(ff.frame["split"] == "train").to_numpy()])
+    flat = normalizer.numpy(x).reshape(len(x), -1)  # (N, D)
+    return RawInputs(x, flat, normalizer)
+
+
+def split_mask(ff: FeatureFile, split: str) -> np.ndarray:
+    """Boolean mask of a split's rows, in file order."""
+    return (ff.frame["split"] == split).to_numpy()
+
+
+def labels(ff: FeatureFile) -> np.ndarray:
+    """Labels as int64 (only call when `ff.has_labels`)."""
+    return ff.frame["label"].to_numpy(dtype=np.int64)
+
+
+def subsample(ff: FeatureFile, split: str, max_rows: int, seed: int) -> np.ndarray:
+    """Row positions of at most `max_rows` rows of a split, chosen by sample_id so every file gets the same ones."""
+    rows = np.flatnonzero(split_mask(ff, split))
+    rows = rows[np.argsort(ff.frame["sample_id"].to_numpy()[rows], kind="stable")]
+    if len(rows) > max_rows:
+        rows = rows[np.sort(np.random.default_rng(seed).choice(len(rows), max_rows, replace=False))]
+    return rows
+
+
+def label_problem(ff: FeatureFile) -> str | None:
+    """Why the label tasks cannot run on `ff` (no labels, a single class), or None when they can."""
+    if not ff.has_labels:
+        return "the feature file has no labels (label column empty or incomplete)"
+    n_classes = ff.frame.loc[split_mask(ff, "train"), "label"].nunique()
+    if n_classes < 2:
+        return f"the train split has {n_classes} class(es); classification needs at least 2"
+    return None

@@ -1,0 +1,239 @@
+"""Path-in/path-out entry points: baselines, one representation's evaluation, the summary, and all of it.
+
+The Prefect flow calls `write_baselines` once, `evaluate_representation` per feature file (in
+parallel, each writing `representations_dir(out)/<name>.parquet` and `<name>.map.parquet`), then
+`summarize` once. `evaluate_dir` does the same in one process (`ae-repr evaluate`).
+
+Metric callback: `log` receives `{"eval/<task>/<metric>": value}` after each task (few-shot rows as
+`eval/<task>/<metric>_k<k>`); `evaluate_dir` prefixes each key with `<representation>/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from ae_repr.checkpoint import load_model
+from ae_repr.config import EvalConfig
+from ae_repr.errors import UserError
+from ae_repr.io import FeatureFile, write_table
+
+from .baselines import write_baselines
+from .fewshot import fewshot_frozen, usable_k
+from .finetune import fewshot_finetune, fewshot_scratch
+from .inputs import is_learned, label_problem, load_feature_dir, load_feature_file, model_dir
+from .plots import embed_2d, plot_fewshot, plot_latent_maps
+from .probe import knn, linear_probe
+from .reduction import reduction
+from .report import representation_order, write_report
+from .results import concat_results, read_results, result_frame, write_results
+
+logger = logging.getLogger(__name__)
+
+LogFn = Callable[[dict[str, float]], None]
+TASKS = ("linear_probe", "knn", "fewshot_frozen", "fewshot_finetune", "fewshot_scratch", "reduction")
+MAP_SUFFIX = ".map.parquet"
+
+
+class EvaluationFailed(RuntimeError):
+    """Some representations failed at run time; the summary and report were still written."""
+
+
+def representations_dir(out: Path) -> Path:
+    """Where per-representation result tables live under a run directory."""
+    return Path(out) / "eval" / "representations"
+
+
+def metric_dict(frame: pd.DataFrame) -> dict[str, float]:
+    """Result rows as flat metric names for a tracking callback."""
+    out = {}
+    for r in frame.itertuples(index=False):
+        key = f"eval/{r.task}/{r.metric}" + ("" if pd.isna(r.k) else f"_k{int(r.k)}")
+        out[key] = float(r.value)
+    return out
+
+
+def evaluate_representation(
+    feature_path: Path, cfg: EvalConfig, *, eval_dir: Path, seed: int = 0, log: LogFn | None = None
+) -> Path:
+    """Run every applicable task on one feature file; write `eval_dir/<name>.parquet` (tidy rows) and its 2-D map."""
+    ff = load_feature_file(feature_path)
+    eval_dir = Path(eval_dir)
+    frames: list[pd.DataFrame] = []
+    notes: list[str] = []
+
+    def run(task: str, fn: Callable[[], pd.DataFrame]) -> None:
+        start = time.perf_counter()
+        frame = fn()
+        frames.append(frame)
+        logger.info("%s: %s done in %.2fs (%d rows)", ff.name, task, time.perf_counter() - start, len(frame))
+        if log is not None and len(frame):
+            log(metric_dict(frame))
+
+    problem = label_problem(ff)
+    if problem:
+        notes.append(f"{ff.name}: linear_probe, knn and few-shot tasks not run: {problem}.")
+        logger.warning("%s: label tasks skipped: %s", ff.name, problem)
+    else:
+        run("linear_probe", lambda: linear_probe(ff, cfg, seed=seed))
+        run("knn", lambda: knn(ff, cfg))
+        _, skipped, smallest = usable_k(ff, cfg)
+        if skipped:
+            ks = ", ".join(map(str, skipped))
+            notes.append(
+                f"{ff.name}: few-shot k = {ks} skipped (the smallest train class has {smallest} examples)."
+            )
+        run("fewshot_frozen", lambda: fewshot_frozen(ff, cfg, seed=seed))
+        if cfg.fewshot_finetune and is_learned(ff):
+            if _has_model(ff):
+                run("fewshot_finetune", lambda: fewshot_finetune(ff, cfg, seed=seed))
+                run("fewshot_scratch", lambda: fewshot_scratch(ff, cfg, seed=seed))
+            else:
+                notes.append(
+                    f"{ff.name}: fewshot_finetune/fewshot_scratch not run: no model directory ({ff.meta.get('model_dir', 'no model_dir')})."
+                )
+    run("reduction", lambda: reduction(ff, cfg, seed=seed))
+    _write_map(ff, cfg, eval_dir, seed)
+    return write_results(eval_dir / f"{ff.name}.parquet", concat_results(frames), notes=notes)
+
+
+def _has_model(ff: FeatureFile) -> bool:
+    mdir = model_dir(ff)
+    if mdir is None or not mdir.is_dir():
+        logger.warning("%s: model directory %s not found; end-to-end few-shot arms skipped", ff.name, mdir)
+        return False
+    return True
+
+
+def _write_map(ff: FeatureFile, cfg: EvalConfig, eval_dir: Path, seed: int) -> None:
+    path = eval_dir / f"{ff.name}{MAP_SUFFIX}"
+    start = time.perf_counter()
+    coords = embed_2d(ff, cfg, seed=seed)
+    if coords is None:
+        path.unlink(missing_ok=True)  # a map from an earlier run would be stale
+        return
+    write_table(path, coords)
+    logger.info(
+        "%s: 2-D map (%s, %d rows) in %.2fs",
+        ff.name,
+        cfg.map_method,
+        len(coords),
+        time.perf_counter() - start,
+    )
+
+
+def summarize(
+    out: Path, cfg: EvalConfig, *, failures: dict[str, str] | None = None, eval_dir: Path | None = None
+) -> Path:
+    """Gather per-representation results into `out/eval/<task>.parquet`, `out/summary.parquet`, plots and `out/report.md`."""
+    out = Path(out)
+    eval_dir = Path(eval_dir) if eval_dir is not None else representations_dir(out)
+    failures = dict(failures or {})
+    paths = (
+        sorted(p for p in eval_dir.glob("*.parquet") if not p.name.endswith(MAP_SUFFIX))
+        if eval_dir.is_dir()
+        else []
+    )
+    frames, notes, maps = [], [], {}
+    for p in paths:
+        if p.stem in failures:  # a result file from an earlier run must not stand in for a failed one
+            continue
+        frame, file_notes = read_results(p)
+        frames.append(frame)
+        notes += file_notes
+        map_path = eval_dir / f"{p.stem}{MAP_SUFFIX}"
+        if map_path.is_file():
+            maps[p.stem] = pd.read_parquet(map_path)
+    results = _sorted(concat_results(frames))
+    for task in sorted(set(TASKS) | set(results["task"])):
+        task_path = out / "eval" / f"{task}.parquet"
+        rows = results[results["task"] == task]
+        if len(rows):
+            write_results(task_path, rows)
+        else:
+            task_path.unlink(missing_ok=True)
+    summary = write_results(out / "summary.parquet", results)
+    plots = []
+    for name, draw in (
+        ("latent_maps.png", lambda p: plot_latent_maps(maps, p)),
+        ("fewshot.png", lambda p: plot_fewshot(results, p)),
+    ):
+        made = draw(out / "plots" / name)
+        if made is None:
+            (out / "plots" / name).unlink(missing_ok=True)
+        else:
+            plots.append(made)
+    write_report(out / "report.md", results, cfg, plots=plots, notes=_grouped(notes), failures=failures)
+    logger.info("summary: %d rows from %d representations -> %s", len(results), len(frames), summary)
+    return summary
+
+
+def _grouped(notes: list[str]) -> list[str]:
+    """'a: why' and 'b: why' become 'a, b: why' (a label-free data set gives every file the same note)."""
+    by_text: dict[str, list[str]] = {}
+    for note in notes:
+        name, sep, text = note.partition(": ")
+        by_text.setdefault(text if sep else note, []).append(name if sep else "")
+    return [
+        f"{', '.join(n for n in names if n)}: {text}" if any(names) else text
+        for text, names in by_text.items()
+    ]
+
+
+def _sorted(results: pd.DataFrame) -> pd.DataFrame:
+    """Representations in report order, tasks in TASKS order; rows within a task keep the task's own order."""
+    order = {n: i for i, n in enumerate(representation_order(list(results["representation"].unique())))}
+    task_order = {t: i for i, t in enumerate(TASKS)}
+    key = pd.DataFrame(
+        {
+            "r": results["representation"].map(order),
+            "t": results["task"].map(lambda t: task_order.get(t, len(TASKS))),
+            "task": results["task"],
+        }
+    )
+    return result_frame(results.loc[key.sort_values(["r", "t", "task"], kind="stable").index])
+
+
+def evaluate_dir(
+    features_dir: Path, out: Path, cfg: EvalConfig, *, seed: int = 0, log: LogFn | None = None
+) -> Path:
+    """Write baselines, evaluate every feature file, then summarize; returns `out/summary.parquet`."""
+    features_dir, out = Path(features_dir), Path(out)
+    write_baselines(features_dir, cfg, seed=seed)
+    files = load_feature_dir(features_dir)
+    for ff in files:  # a corrupt model should fail now, before any output, not halfway through
+        mdir = model_dir(ff)
+        if mdir is not None and mdir.is_dir():
+            load_model(mdir)
+    eval_dir = representations_dir(out)
+    names = {ff.name for ff in files}
+    for stale in eval_dir.glob("*.parquet") if eval_dir.is_dir() else ():
+        if stale.name.removesuffix(MAP_SUFFIX).removesuffix(".parquet") not in names:
+            stale.unlink()
+    failures: dict[str, str] = {}
+    start = time.perf_counter()
+    for ff in files:
+        (eval_dir / f"{ff.name}.parquet").unlink(missing_ok=True)
+        cb = None if log is None else _prefixed(log, ff.name)
+        try:
+            evaluate_representation(ff.path, cfg, eval_dir=eval_dir, seed=seed, log=cb)
+        except UserError:
+            raise
+        except Exception as e:  # one broken representation must not hide the others' results
+            logger.exception("%s: evaluation failed", ff.name)
+            failures[ff.name] = f"{type(e).__name__}: {e}"
+    summary = summarize(out, cfg, failures=failures, eval_dir=eval_dir)
+    logger.info("evaluated %d representations in %.1fs", len(files), time.perf_counter() - start)
+    if failures:
+        raise EvaluationFailed(
+            f"evaluation failed for {', '.join(sorted(failures))} (see {out / 'report.md'})"
+        )
+    return summary
+
+
+def _prefixed(log: LogFn, name: str) -> LogFn:
+    return lambda metrics: log({f"{name}/{k}": v for k, v in metrics.items()})

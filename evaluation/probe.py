@@ -1,0 +1,109 @@
+"""Linear probe and kNN on frozen features, with the one logistic-head helper few-shot reuses.
+
+Linear probe (task `linear_probe`, metrics `accuracy` and `macro_f1` on the test split), exactly
+reproducible with plain scikit-learn from a feature file::
+
+    df = pd.read_parquet(path)                                    # rows in file order
+    Z = df[[c for c in df.columns if c.startswith("z_")]].to_numpy(np.float32)
+    y = df["label"].to_numpy(np.int64)
+    tr, te = (df["split"] == "train").to_numpy(), (df["split"] == "test").to_numpy()
+    pipe = Pipeline([("scale", StandardScaler()),
+                     ("logreg", LogisticRegression(max_iter=1000, random_state=seed))])
+    search = GridSearchCV(pipe, {"logreg__C": [0.01, 0.1, 1.0, 10.0, 100.0]},    # EvalConfig.probe_c_grid
+                          cv=StratifiedKFold(n_splits=5, shuffle=True, random_state=seed),
+                          scoring="accuracy")                    # n_splits = EvalConfig.probe_folds
+    search.fit(Z[tr], y[tr])
+    pred = search.predict(Z[te])
+    accuracy_score(y[te], pred), f1_score(y[te], pred, average="macro")
+
+`seed` is the evaluation seed (0 by default). When the smallest train class has fewer members than
+`probe_folds`, n_splits drops to that count; below 2 there is no search and C = `fewshot_c`.
+
+kNN (task `knn`): `KNeighborsClassifier(n_neighbors=n, metric="cosine")` fitted on the train rows'
+features as stored (no scaling); test accuracy is reported once per neighbour count n in
+`EvalConfig.knn_k` under the metric name `accuracy_<n>nn` (e.g. `accuracy_5nn`, `accuracy_20nn`),
+with `k` left empty: in the summary `k` always means labelled examples per class (few-shot).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from ae_repr.config import EvalConfig
+from ae_repr.io import FeatureFile
+
+from .inputs import labels, single_thread, split_mask
+from .results import result_frame, result_row
+
+log = logging.getLogger(__name__)
+
+
+def fit_frozen_head(
+    x: np.ndarray, y: np.ndarray, *, Cs: Sequence[float], folds: int, seed: int = 0
+) -> Pipeline | GridSearchCV:
+    """StandardScaler + multinomial LogisticRegression on frozen features; C by stratified CV when possible."""
+    pipe = Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("logreg", LogisticRegression(C=Cs[0], max_iter=1000, random_state=seed)),
+        ]
+    )
+    n_splits = min(folds, int(np.unique(y, return_counts=True)[1].min()))
+    model: Pipeline | GridSearchCV = pipe
+    if len(Cs) > 1 and n_splits >= 2:
+        cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        model = GridSearchCV(pipe, {"logreg__C": list(Cs)}, cv=cv, scoring="accuracy")
+    with single_thread(), warnings.catch_warnings():
+        # lbfgs at max_iter on separable few-shot data is expected; the head is still usable
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y)
+    return model
+
+
+def linear_probe(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFrame:
+    """Test accuracy and macro-F1 of a CV-tuned logistic head on the train split's frozen features."""
+    z, y = ff.z, labels(ff)
+    tr, te = split_mask(ff, "train"), split_mask(ff, "test")
+    Cs = cfg.probe_c_grid if np.unique(y[tr], return_counts=True)[1].min() >= 2 else (cfg.fewshot_c,)
+    head = fit_frozen_head(z[tr], y[tr], Cs=Cs, folds=cfg.probe_folds, seed=seed)
+    pred = head.predict(z[te])
+    if isinstance(head, GridSearchCV):
+        log.info("%s: linear probe chose C=%g", ff.name, head.best_params_["logreg__C"])
+    return result_frame(
+        [
+            result_row(ff.name, "linear_probe", "accuracy", accuracy_score(y[te], pred)),
+            result_row(ff.name, "linear_probe", "macro_f1", f1_score(y[te], pred, average="macro")),
+        ]
+    )
+
+
+def knn_metric(n_neighbors: int) -> str:
+    """The summary metric name of kNN accuracy with `n_neighbors` neighbours."""
+    return f"accuracy_{n_neighbors}nn"
+
+
+def knn(ff: FeatureFile, cfg: EvalConfig) -> pd.DataFrame:
+    """Test accuracy of cosine kNN classifiers fitted on the train split, one row per neighbour count."""
+    z, y = ff.z, labels(ff)
+    tr, te = split_mask(ff, "train"), split_mask(ff, "test")
+    rows = []
+    for n in cfg.knn_k:
+        if n > tr.sum():
+            log.warning("%s: kNN with %d neighbours skipped: only %d train rows", ff.name, n, tr.sum())
+            continue
+        with single_thread():
+            clf = KNeighborsClassifier(n_neighbors=n, metric="cosine").fit(z[tr], y[tr])
+            rows.append(result_row(ff.name, "knn", knn_metric(n), accuracy_score(y[te], clf.predict(z[te]))))
+    return result_frame(rows)

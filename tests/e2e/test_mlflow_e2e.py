@@ -1,0 +1,196 @@
+"""End to end: `ae-repr run` against a real `mlflow server`, checked with MlflowClient and in the UI (headless Chromium).
+
+The server runs on a free loopback port with an SQLite backend and an artifact folder in tmp, in its own
+process group (it spawns a uvicorn child), which is stopped as a whole. A closed port must fail a run
+fast, before any training.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+CHROMIUM = Path("/usr/bin/chromium")
+VARIANTS = ("ae", "vae")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+           "TQDM_DISABLE": "1"}
+    env.pop("PREFECT_API_URL", None)  # in-process run: an ephemeral Prefect API
+    env.update(extra)
+    return env
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop the process group started with `proc` (and only it): TERM, then KILL after 15 s."""
+    pgid = proc.pid  # start_new_session=True: the leader's pid is the group id
+    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        if not _group_alive(pgid):
+            break
+        os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and _group_alive(pgid):
+            proc.poll()  # reap the leader, so an exited group reads as gone
+            time.sleep(0.2)
+    proc.wait(timeout=5)
+    assert not _group_alive(pgid), "mlflow server processes outlived the test"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """URL of a fresh `mlflow server` on 127.0.0.1."""
+    import requests
+
+    tmp = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed in the finally below
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"mlflow server exited: {(tmp / 'server.log').read_text()[-2000:]}"
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not answer /health within 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop_group(proc)
+        log.close()
+
+
+def _config(tmp: Path) -> Path:
+    """The quick config with tracking on, two variants, one epoch and one baseline."""
+    cfg = yaml.safe_load((ROOT / "configs" / "quick.yaml").read_text())
+    cfg["tracking"] = {"enabled": True}
+    cfg["models"]["variants"] = list(VARIANTS)
+    cfg["train"]["epochs"] = 1
+    cfg.setdefault("eval", {})["baselines"] = ["pca"]
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tracked_run(mlflow_server, tmp_path_factory):
+    """(server URL, run directory) after `ae-repr run` against the server."""
+    tmp = tmp_path_factory.mktemp("e2e_run")
+    out = tmp / "out"
+    proc = subprocess.run([str(BIN / "ae-repr"), "run", "--config", str(_config(tmp)), "--out", str(out)],
+                          env=_env(MLFLOW_TRACKING_URI=mlflow_server), capture_output=True, text=True, timeout=300,
+                          cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return mlflow_server, out
+
+
+def test_run_is_tracked_on_the_server(tracked_run):
+    from mlflow import MlflowClient
+
+    url, out = tracked_run
+    client = MlflowClient(url, registry_uri=url)
+    exp = client.get_experiment_by_name("pretrain-and-probe")
+    assert exp is not None and exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`ae_repr.run_kind` = 'parent'")
+    assert parent.data.tags["prefect.flow_run_id"] and parent.info.status == "FINISHED"
+    children = {r.data.tags["variant"]: r for r in client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert set(children) == set(VARIANTS)
+    for v, run in children.items():
+        rid = run.info.run_id
+        assert run.data.params["model.latent_dim"] == "8" and run.data.params["train.epochs"] == "1"
+        assert len(client.get_metric_history(rid, "train/loss")) == 1
+        assert len(client.get_metric_history(rid, "val/recon")) == 1
+        assert "eval/linear_probe_accuracy" in run.data.metrics
+        plots = {a.path for a in client.list_artifacts(rid, "plots")}
+        assert {"plots/loss_curves.png", "plots/reconstructions.png", "plots/latent_map.png"} <= plots
+        assert [a.path for a in client.list_artifacts(rid, "features")] == [f"features/{v}.parquet"]
+        local = client.download_artifacts(rid, "plots/loss_curves.png", str(out.parent))
+        assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        model = client.get_registered_model(f"ae-repr-{v}")
+        assert "champion" in model.aliases
+    assert not (out / "tracking_pending.json").exists()
+
+
+def _dom(url: str, tmp: Path) -> str:
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium) first")
+    proc = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={tmp}",
+         "--window-size=1600,1000", "--virtual-time-budget=20000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120, start_new_session=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return html.unescape(proc.stdout)
+
+
+def test_ui_shows_variant_runs_and_metrics(tracked_run, tmp_path):
+    """The experiment's shared view lists the variant runs flat with headline metric columns."""
+    from mlflow import MlflowClient
+
+    url, _ = tracked_run
+    client = MlflowClient(url)
+    exp = client.get_experiment_by_name("pretrain-and-probe")
+    assert "mlflow.sharedViewState.variants" in exp.tags
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`ae_repr.run_kind` = 'variant'")
+    dom = _dom(f"{url}/#/experiments/{exp.experiment_id}/runs?viewStateShareKey=variants", tmp_path / "chromium")
+    cells = {line.strip() for line in re.sub(r"<[^>]+>", "\n", dom).splitlines()}  # the page's text nodes
+    shown = sorted(c for c in cells if c and not c.startswith(("#", ".", "@", "-")) and "{" not in c)
+    assert {r.info.run_name for r in runs} == set(VARIANTS)
+    assert set(VARIANTS) <= cells, f"variant runs not in the UI's runs table: {shown[:120]}"
+    assert "eval/linear_probe_accuracy" in cells, f"no metric column in the runs table: {shown[:120]}"
+    for r in runs:  # the metric's values are in the table, not just its name
+        assert repr(r.data.metrics["eval/linear_probe_accuracy"]) in cells, shown[:120]
+
+
+def test_unreachable_server_fails_fast_before_training(tmp_path):
+    out = tmp_path / "out"
+    start = time.monotonic()
+    proc = subprocess.run([str(BIN / "ae-repr"), "run", "--config", str(_config(tmp_path)), "--out", str(out)],
+                          env=_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_free_port()}"), capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert elapsed < 30, f"took {elapsed:.1f}s"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unreachable" in lines[0] and lines[0].startswith("ae-repr: error: MLflow"), lines
+    assert not (out / "models").exists()

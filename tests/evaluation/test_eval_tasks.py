@@ -1,0 +1,161 @@
+"""The per-representation tasks on synthetic feature files: probe, kNN, few-shot frozen, reduction."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from eval_synth import D, Synth, make_synth, write_ff
+from scipy import stats
+from sklearn.decomposition import PCA
+
+from ae_repr.config import EvalConfig
+from ae_repr.errors import UserError
+from ae_repr.io import read_features, write_features
+from evaluation import fewshot_frozen, knn, linear_probe, reduction, write_baselines
+from evaluation.fewshot import fewshot_episodes, t_interval
+from evaluation.results import RESULT_COLUMNS, RESULT_DTYPES
+
+
+def _onehot_noise(synth: Synth, noise: float = 0.1) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return np.eye(synth.y.max() + 1)[synth.y] + noise * rng.normal(size=(len(synth.y), synth.y.max() + 1))
+
+
+def _random_labels_file(tmp_path, synth: Synth):
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(len(synth.y), 8))
+    labels = rng.integers(0, 4, size=len(synth.y))
+    return read_features(write_ff(tmp_path / "noise.parquet", synth, z, labels=labels))
+
+
+def _value(frame, metric: str) -> float:
+    return float(frame.loc[frame["metric"] == metric, "value"].item())
+
+
+def test_probe_near_chance_on_noise(tmp_path, synth):
+    rows = linear_probe(_random_labels_file(tmp_path, synth), EvalConfig())
+    assert abs(_value(rows, "accuracy") - 0.25) < 0.15
+    assert _value(rows, "macro_f1") < 0.45
+
+
+def test_probe_near_perfect_on_onehot_labels(tmp_path, synth):
+    ff = read_features(write_ff(tmp_path / "onehot.parquet", synth, _onehot_noise(synth)))
+    rows = linear_probe(ff, EvalConfig())
+    assert list(rows.columns) == RESULT_COLUMNS
+    assert {c: str(t) for c, t in rows.dtypes.items()} == RESULT_DTYPES
+    assert set(rows["task"]) == {"linear_probe"} and set(rows["metric"]) == {"accuracy", "macro_f1"}
+    assert _value(rows, "accuracy") >= 0.98 and _value(rows, "macro_f1") >= 0.98
+    assert rows["k"].isna().all() and rows["n_seeds"].isna().all()
+
+
+def test_knn_chance_and_perfect(tmp_path, synth):
+    cfg = EvalConfig(knn_k=(5, 20))
+    noise = knn(_random_labels_file(tmp_path, synth), cfg)
+    good = knn(read_features(write_ff(tmp_path / "onehot.parquet", synth, _onehot_noise(synth))), cfg)
+    assert list(good["metric"]) == ["accuracy_5nn", "accuracy_20nn"]
+    assert good["k"].isna().all()  # k is reserved for labels per class
+    assert (good["value"] >= 0.98).all()
+    assert (abs(noise["value"] - 0.25) < 0.15).all()
+
+
+def test_fewshot_frozen_interval_and_seeds(tmp_path, synth):
+    cfg = EvalConfig(fewshot_k=(1, 5), fewshot_seeds=6)
+    ff = read_features(write_ff(tmp_path / "onehot.parquet", synth, _onehot_noise(synth, noise=0.8)))
+    rows = fewshot_frozen(ff, cfg)
+    assert list(rows["k"]) == [1, 5]
+    assert (rows["n_seeds"] == 6).all()
+    assert (rows["ci_low"] <= rows["value"]).all() and (rows["value"] <= rows["ci_high"]).all()
+    assert ((rows["value"] > 0.25) & (rows["value"] <= 1)).all()
+
+
+def test_t_interval_matches_scipy():
+    values = [0.5, 0.6, 0.55, 0.7, 0.65]
+    mean, lo, hi = t_interval(values)
+    ref_lo, ref_hi = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert mean == pytest.approx(np.mean(values))
+    assert (lo, hi) == pytest.approx((ref_lo, ref_hi))
+
+
+def test_fewshot_episodes_are_train_rows_k_per_class_and_seeded(tmp_path, synth):
+    ff = read_features(write_ff(tmp_path / "onehot.parquet", synth, _onehot_noise(synth)))
+    a = fewshot_episodes(ff, 3, 4, seed=0)
+    b = fewshot_episodes(ff, 3, 4, seed=0)
+    assert len(a) == 4 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not np.array_equal(a[0], a[1])
+    for shots in a:
+        assert (synth.split[shots] == "train").all()
+        assert np.bincount(synth.y[shots]).tolist() == [3, 3, 3, 3]
+
+
+def test_k_larger_than_smallest_class_is_skipped(tmp_path, caplog):
+    synth = make_synth(tmp_path, class_sizes=(60, 60, 60, 8))  # smallest class: 6 train rows
+    ff = read_features(write_ff(tmp_path / "onehot.parquet", synth, _onehot_noise(synth)))
+    with caplog.at_level(logging.WARNING, logger="evaluation"):
+        rows = fewshot_frozen(ff, EvalConfig(fewshot_k=(1, 5, 10), fewshot_seeds=3))
+    assert list(rows["k"]) == [1, 5]
+    assert any("k=10 skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_trustworthiness_identity_is_one_and_projection_lower(tmp_path, synth):
+    cfg = EvalConfig()
+    mean, std = synth.x[synth.train].mean(0), synth.x[synth.train].std(0)
+    identity = (synth.x - mean) / std  # the raw input as the evaluator normalizes it
+    rp = synth.x @ np.random.default_rng(3).normal(size=(D, 2))
+    t_id = _value(
+        reduction(read_features(write_ff(tmp_path / "ident.parquet", synth, identity)), cfg),
+        "trustworthiness",
+    )
+    t_rp = _value(
+        reduction(read_features(write_ff(tmp_path / "rp2.parquet", synth, rp)), cfg), "trustworthiness"
+    )
+    assert t_id == pytest.approx(1.0, abs=1e-6)
+    assert t_rp < t_id - 0.02
+
+
+def test_pca_baseline_recon_mse_equals_sklearn(tmp_path, synth):
+    write_ff(tmp_path / "features" / "learned.parquet", synth, _onehot_noise(synth))
+    paths = write_baselines(tmp_path / "features", EvalConfig(baselines=("pca",)))
+    assert [p.name for p in paths] == ["pca.parquet"]
+    rows = reduction(read_features(paths[0]), EvalConfig())
+    x_train = synth.x[synth.train].astype(np.float64)
+    xn = ((synth.x - x_train.mean(0)) / x_train.std(0)).astype(np.float32)
+    pca = PCA(n_components=4, svd_solver="full").fit(xn[synth.train])
+    expected = np.mean((pca.inverse_transform(pca.transform(xn[synth.test])) - xn[synth.test]) ** 2)
+    assert _value(rows, "recon_mse") == pytest.approx(expected, rel=1e-5)
+    assert _value(rows, "fit_time_s") >= 0
+
+
+def test_baselines_copy_rows_split_and_labels_from_the_learned_file(tmp_path, synth):
+    split = synth.split.copy()
+    split[:5] = "test"  # the feature file's split wins over the data file's
+    learned = write_features(
+        tmp_path / "features" / "vae.parquet",
+        sample_id=np.arange(len(synth.y)),
+        split=split,
+        label=synth.y,
+        z=_onehot_noise(synth),
+        metadata={"variant": "vae", "dataset": str(synth.path), "dataset_sha256": "abc", "model_dir": "../m"},
+    )
+    paths = write_baselines(tmp_path / "features", EvalConfig())
+    assert [p.stem for p in paths] == ["raw", "pca", "ica", "random_projection"]
+    ref = read_features(learned)
+    for path, width in zip(paths, (D, 4, 4, 4), strict=True):
+        ff = read_features(path)
+        assert ff.meta["variant"] == path.stem and int(ff.meta["latent_dim"]) == width == len(ff.z_columns)
+        assert ff.meta["dataset"] == str(synth.path) and ff.meta["dataset_sha256"] == "abc"
+        assert "model_dir" not in ff.meta and float(ff.meta["fit_time_s"]) >= 0
+        cols = ["sample_id", "split", "label"]
+        pd.testing.assert_frame_equal(ff.frame[cols], ref.frame[cols])
+    raw = read_features(paths[0]).z
+    train = split == "train"
+    np.testing.assert_allclose(raw[train].mean(0), 0, atol=1e-5)  # normalized on the train rows only
+    np.testing.assert_allclose(raw[train].std(0), 1, atol=1e-4)
+
+
+def test_unknown_baseline_is_a_user_error(tmp_path, synth):
+    write_ff(tmp_path / "features" / "vae.parquet", synth, _onehot_noise(synth))
+    with pytest.raises(UserError, match="unknown baseline 'umap'"):
+        write_baselines(tmp_path / "features", EvalConfig(baselines=("pca", "umap")))

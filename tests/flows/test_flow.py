@@ -1,0 +1,164 @@
+"""The `pretrain-and-probe` flow under the session's Prefect test harness, on a tiny config.
+
+One run is shared by the module (outputs, artifacts, then the cached re-run); the partial-failure
+test runs its own. Tracking is off here (tests/flows/test_tracking.py covers MLflow).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pandas as pd
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+import flows.pretrain_and_probe as fp
+from ae_repr.config import ExperimentConfig, load_config, validate_config
+from ae_repr.io import read_json
+
+ROOT = Path(__file__).resolve().parents[2]
+VARIANTS = ("ae", "vae")
+
+
+def tiny_config(**train: Any) -> ExperimentConfig:
+    """configs/quick.yaml cut down further: two variants, one epoch, one baseline."""
+    d = load_config(ROOT / "configs" / "quick.yaml").model_dump(mode="json")
+    d["models"]["variants"] = list(VARIANTS)
+    d["train"].update({"epochs": 1, **train})
+    d["eval"].update({"baselines": ["pca"], "knn_k": [5]})
+    d["tracking"]["enabled"] = False
+    return validate_config(d)
+
+
+@pytest.fixture(scope="module")
+def storage(prefect_harness, tmp_path_factory):
+    """Task results (the cache) in a temporary folder instead of ~/.prefect/storage."""
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-results")}):
+        yield
+
+
+@pytest.fixture(scope="module")
+def first_run(storage, tmp_path_factory):
+    """(run directory, final state) of one flow run."""
+    out = tmp_path_factory.mktemp("run")
+    state = fp.pretrain_and_probe(config=tiny_config(), out=str(out), return_state=True)
+    return out, state
+
+
+def task_states(state, names: set[str], timeout: float = 30.0) -> dict[str, str]:
+    """Task run name -> final state name of a flow run (task states reach the API asynchronously)."""
+    flow_run_id = state.state_details.flow_run_id
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            found = {r.name: r.state for r in runs if r.state is not None}
+            if all(n in found and found[n].is_final() for n in names) or time.monotonic() > deadline:
+                return {n: s.name for n, s in found.items()}
+            time.sleep(0.5)
+
+
+def artifacts(flow_run_id: UUID) -> dict[str, Any]:
+    """Artifacts of a flow run by key."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in found}
+
+
+def linear_probe(out: Path) -> pd.DataFrame:
+    s = pd.read_parquet(out / "summary.parquet")
+    return s[(s["task"] == "linear_probe") & (s["metric"] == "accuracy")].set_index("representation")["value"]
+
+
+def test_run_writes_every_output(first_run):
+    out, state = first_run
+    assert state.is_completed(), state.message
+    for rel in ("config.json", "summary.parquet", "report.md", "timings.json", "eval/linear_probe.parquet",
+                *(f"models/{v}/{f}" for v in VARIANTS for f in ("model.pt", "config.json", "history.json")),
+                *(f"features/{n}.parquet" for n in (*VARIANTS, "pca")),
+                *(f"eval/representations/{n}.parquet" for n in (*VARIANTS, "pca"))):
+        assert (out / rel).is_file(), rel
+    acc = linear_probe(out)
+    assert sorted(acc.index) == sorted([*VARIANTS, "pca"])
+    assert ((acc > 0.3) & (acc <= 1.0)).all(), acc  # ten digit classes: chance is 0.1
+    report = (out / "report.md").read_text()
+    assert "| ae |" in report and "| vae |" in report and "Failed" not in report
+    timings = read_json(out / "timings.json")["phases"]
+    assert timings["training"]["busy_s"] > 0 and timings["evaluation"]["busy_s"] > 0
+
+
+def test_headline_artifact(first_run):
+    out, state = first_run
+    found = artifacts(state.state_details.flow_run_id)
+    assert found["headline-results"].type == "markdown"
+    md = found["headline-results"].data
+    assert "linear probe acc" in md and "| ae |" in md and "| pca |" in md
+    assert "![" not in md  # plot links point at files next to report.md, not into the Prefect UI
+    assert "mlflow-run" not in found  # tracking is off: no MLflow run to link to
+
+
+def test_rerun_is_served_from_cache_and_deleted_outputs_are_recomputed(first_run):
+    out, _ = first_run
+    before = {v: (out / "models" / v / "model.pt").stat().st_mtime_ns for v in VARIANTS}
+    acc = linear_probe(out)
+
+    state = fp.pretrain_and_probe(config=tiny_config(), out=str(out), return_state=True)
+    assert state.is_completed(), state.message
+    names = {f"{t}-{v}" for t in ("train", "extract", "evaluate") for v in VARIANTS}
+    states = task_states(state, names)
+    assert all(states.get(n) == "Cached" for n in names), states
+    assert {v: (out / "models" / v / "model.pt").stat().st_mtime_ns for v in VARIANTS} == before
+    pd.testing.assert_series_equal(linear_probe(out), acc)
+
+    (out / "features" / "vae.parquet").unlink()  # a deleted output is recomputed, not served from the cache
+    state = fp.pretrain_and_probe(config=tiny_config(), out=str(out), return_state=True)
+    assert state.is_completed(), state.message
+    states = task_states(state, {"train-vae", "extract-vae", "extract-ae"})
+    assert states["train-vae"] == "Cached" and states["extract-ae"] == "Cached", states
+    assert states["extract-vae"] == "Completed", states
+    assert (out / "features" / "vae.parquet").is_file()
+    assert (out / "models" / "vae" / "model.pt").stat().st_mtime_ns == before["vae"]
+
+
+def test_cache_keys_follow_what_a_model_depends_on(tmp_path):
+    cfg = tiny_config()
+    key = fp._train_key(None, {"cfg": cfg, "out": str(tmp_path), "variant": "ae"})
+    same = tiny_config().with_overrides(variants=["ae", "vae", "dae"])  # other variants do not matter
+    assert fp._train_key(None, {"cfg": same, "out": str(tmp_path), "variant": "ae"}) == key
+    for changed in (tiny_config(epochs=2), tiny_config(lr=1e-3), cfg.with_overrides(latent_dim=4)):
+        assert fp._train_key(None, {"cfg": changed, "out": str(tmp_path), "variant": "ae"}) != key
+    assert fp._train_key(None, {"cfg": cfg, "out": str(tmp_path / "other"), "variant": "ae"}) != key
+
+
+def test_one_failing_variant_fails_alone(storage, tmp_path, monkeypatch):
+    real = fp.train_variant
+
+    def train_variant(variant: str, *args: Any, **kwargs: Any):
+        if variant == "vae":
+            raise RuntimeError("injected failure in vae")
+        return real(variant, *args, **kwargs)
+
+    monkeypatch.setattr(fp, "train_variant", train_variant)
+    state = fp.pretrain_and_probe(config=tiny_config(), out=str(tmp_path), return_state=True)
+
+    assert state.is_failed()
+    assert "vae" in state.message and "injected failure in vae" in state.message
+    assert (tmp_path / "models" / "ae" / "model.pt").is_file() and (tmp_path / "features" / "ae.parquet").is_file()
+    assert not (tmp_path / "features" / "vae.parquet").exists()
+    acc = linear_probe(tmp_path)
+    assert sorted(acc.index) == ["ae", "pca"]  # the others finished and were evaluated
+    report = (tmp_path / "report.md").read_text()
+    assert "Failed" in report and "vae" in report.split("Failed", 1)[1]
+    assert "injected failure in vae" in report
+    md = artifacts(state.state_details.flow_run_id)["headline-results"].data
+    assert "injected failure in vae" in md and "| ae |" in md

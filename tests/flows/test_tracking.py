@@ -1,0 +1,300 @@
+"""MLflow tracking of the flow against a real SQLite store, checked with MlflowClient only.
+
+One tiny flow run (quick config, ae + vae, 1 epoch) is shared by the module; `ae-repr log-run` of its run
+directory into a second store must record the same things; a store that goes down mid-run leaves the
+run complete on disk with `tracking_pending.json`, which `log-run` then uploads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from ae_repr.cli import main
+from ae_repr.config import load_config
+from ae_repr.io import read_features, read_json
+
+ROOT = Path(__file__).resolve().parents[2]
+VARIANTS = ("ae", "vae")
+EPOCHS = 1
+SECRET = "tok-3f9a8b7c6d5e4f"  # an environment variable's value that must never reach MLflow
+
+
+def _cfg():
+    """configs/quick.yaml with tracking on, two variants, one epoch and one baseline (to keep the module fast)."""
+    cfg = load_config(ROOT / "configs" / "quick.yaml").with_overrides(variants=list(VARIANTS), epochs=EPOCHS)
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": True}),
+                                  "eval": cfg.eval.model_copy(update={"baselines": ("pca",)})})
+
+
+class _Env:
+    """Set environment variables for a module-scoped fixture and put the old values back."""
+
+    def __init__(self, **values: str) -> None:
+        self.old = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+
+    def restore(self) -> None:
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, prefect_harness):
+    """(tracking URI, run directory) of one tracked flow run."""
+    from flows.pretrain_and_probe import pretrain_and_probe
+
+    tmp = tmp_path_factory.mktemp("tracked")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    env = _Env(MLFLOW_TRACKING_URI=uri, AE_REPR_TEST_API_TOKEN=SECRET)
+    try:
+        out = tmp / "out"
+        state = pretrain_and_probe(config=_cfg(), out=str(out), return_state=True)
+        assert state.is_completed(), state.message
+        yield uri, out
+    finally:
+        env.restore()
+
+
+def _client(uri: str) -> MlflowClient:
+    return MlflowClient(uri, registry_uri=uri)  # else the registry follows the process-wide tracking URI
+
+
+def _children(client: MlflowClient, parent_id: str) -> dict[str, object]:
+    runs = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["variant"]: r for r in runs}
+
+
+def _parent(client: MlflowClient, experiment: str = "pretrain-and-probe"):
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} missing"
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`ae_repr.run_kind` = 'parent'",
+                                 order_by=["attributes.start_time DESC"])
+    assert parents, "no parent run"
+    return exp, parents[0]
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    out: set[str] = set()
+    for a in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, a.path) if a.is_dir else {a.path}
+    return out
+
+
+def test_parent_run(tracked):
+    uri, out = tracked
+    client = _client(uri)
+    exp, parent = _parent(client)
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert Path(exp.artifact_location.removeprefix("file://")).is_absolute()
+    tags = parent.data.tags
+    assert parent.info.status == "FINISHED"
+    assert tags["prefect.flow_run_id"] and tags["prefect.flow_run_name"] == parent.info.run_name
+    assert tags["dataset"] == "digits"
+    assert tags["dataset_sha256"] == read_features(out / "features" / "ae.parquet").meta["dataset_sha256"]
+    assert tags["git_commit"] == "unknown" or len(tags["git_commit"]) == 40
+    assert tags["best_variant"] in VARIANTS
+    arts = _artifacts(client, parent.info.run_id)
+    assert {"config.json", "summary.parquet", "report.md"} <= arts
+    assert any(a.startswith("plots/") and a.endswith(".png") for a in arts), arts
+    summary = pd.read_parquet(out / "summary.parquet")
+    probe = summary[(summary.task == "linear_probe") & (summary.metric == "accuracy")].set_index("representation")
+    for v in VARIANTS:
+        assert parent.data.metrics[f"{v}/linear_probe_accuracy"] == pytest.approx(probe.loc[v, "value"])
+    assert parent.data.metrics["best_linear_probe_accuracy"] == max(probe.loc[list(VARIANTS), "value"])
+    assert parent.data.params["train.epochs"] == str(EPOCHS)
+
+
+def test_variant_runs(tracked):
+    uri, out = tracked
+    client = _client(uri)
+    _, parent = _parent(client)
+    children = _children(client, parent.info.run_id)
+    assert set(children) == set(VARIANTS)
+    summary = pd.read_parquet(out / "summary.parquet")
+    for v, run in children.items():
+        rid = run.info.run_id
+        assert run.info.status == "FINISHED" and run.info.run_name == v
+        params = run.data.params
+        assert params["variant"] == v and params["model.latent_dim"] == "8" and params["train.epochs"] == str(EPOCHS)
+        assert "model.hidden" in params
+        for key in ("train/loss", "train/recon", "val/loss", "val/recon", "lr", "epoch_time_s"):
+            assert len(client.get_metric_history(rid, key)) == EPOCHS, key
+        if v == "vae":
+            assert len(client.get_metric_history(rid, "train/kl")) == EPOCHS
+        rows = summary[summary.representation == v]
+        acc = rows[(rows.task == "linear_probe") & (rows.metric == "accuracy")].value.item()
+        assert run.data.metrics["eval/linear_probe_accuracy"] == pytest.approx(acc)
+        assert "eval/linear_probe_macro_f1" in run.data.metrics
+        assert "eval/fewshot_frozen_accuracy_k5" in run.data.metrics
+        assert any(k.startswith("eval/knn_accuracy") for k in run.data.metrics)
+        (ds,) = run.inputs.dataset_inputs
+        assert ds.dataset.name == "digits" and parent.data.tags["dataset_sha256"].startswith(ds.dataset.digest)
+        arts = _artifacts(client, rid)
+        assert {f"features/{v}.parquet", "history.json", "plots/loss_curves.png", "plots/reconstructions.png",
+                "plots/latent_map.png"} <= arts, arts
+        assert ("plots/prior_samples.png" in arts) == (v == "vae")  # a plain AE has no prior
+        assert read_features(out / "features" / f"{v}.parquet").meta["mlflow_run_id"] == rid
+
+
+def test_registered_encoder_encodes_new_data(tracked, monkeypatch):
+    import mlflow
+    import torch
+
+    from ae_repr.encoder import Encoder
+
+    uri, out = tracked
+    client = _client(uri)
+    for v in VARIANTS:
+        assert "champion" in client.get_registered_model(f"ae-repr-{v}").aliases
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # set_tracking_uri exports it too: put it back afterwards
+    mlflow.set_tracking_uri(uri)
+    encoder = mlflow.pytorch.load_model("models:/ae-repr-vae@champion")
+    new = np.random.default_rng(7).integers(0, 17, size=(5, 1, 8, 8)).astype(np.float32)  # raw digit-like rows
+    z = encoder(torch.from_numpy(new)).detach().numpy()
+    assert z.shape == (5, 8)
+    expected = Encoder.from_dir(out / "models" / "vae")(torch.from_numpy(new)).detach().numpy()
+    np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-5)
+    served = mlflow.pyfunc.load_model("models:/ae-repr-vae@champion").predict(new)
+    assert np.asarray(served).shape == (5, 8)
+
+
+def test_no_environment_or_credentials_in_params_or_tags(tracked):
+    uri, _ = tracked
+    client = _client(uri)
+    _, parent = _parent(client)
+    for run in [parent, *_children(client, parent.info.run_id).values()]:
+        for key, value in {**run.data.params, **run.data.tags}.items():
+            assert SECRET not in value, key
+            assert "AE_REPR_TEST_API_TOKEN" not in key and "MLFLOW_TRACKING_URI" not in key
+
+
+def _summary_of(client: MlflowClient, experiment: str) -> dict[str, object]:
+    """What an experiment holds about its latest flow run, comparable across experiments."""
+    _, parent = _parent(client, experiment)
+    out = {"parent_params": parent.data.params, "parent_metrics": sorted(parent.data.metrics),
+           "parent_artifacts": _artifacts(client, parent.info.run_id)}
+    for v, run in _children(client, parent.info.run_id).items():
+        out[v] = {
+            "status": run.info.status,
+            "params": run.data.params,
+            "metrics": sorted(k for k in run.data.metrics if not k.startswith("system/")),
+            "epochs": len(client.get_metric_history(run.info.run_id, "train/loss")),
+            "eval": {k: round(x, 6) for k, x in run.data.metrics.items() if k.startswith("eval/")},
+            "artifacts": _artifacts(client, run.info.run_id),
+            "registered": "champion" in client.get_registered_model(f"ae-repr-{v}").aliases,
+        }
+    return out
+
+
+def test_log_run_uploads_what_a_live_run_records(tracked, monkeypatch, capsys):
+    uri, out = tracked
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["log-run", str(out), "--experiment", "uploaded"]) == 0
+    assert "parent run" in capsys.readouterr().out
+    client = _client(uri)
+    assert _summary_of(client, "uploaded") == _summary_of(client, "pretrain-and-probe")
+
+
+def test_store_down_mid_run_then_log_run(tracked, tmp_path, monkeypatch):
+    """Writes fail for good after the start: the run completes on disk, says what was not logged, uploads later."""
+    from flows import tracking
+    from flows.tracking import PENDING, Tracker
+
+    uri, src = tracked
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    (out / PENDING).unlink(missing_ok=True)
+    cfg = _cfg().model_copy(update={"tracking": _cfg().tracking.model_copy(update={"retries": 2,
+                                                                                    "retry_backoff_s": 0.01})})
+    info = {"dataset": "digits", "sha256": read_features(out / "features" / "ae.parquet").meta["dataset_sha256"],
+            "rows": 1797, "shape": [1, 8, 8]}
+    monkeypatch.setattr(tracking, "_data_rows", lambda cfg, live: (np.zeros((4, 1, 8, 8), np.float32), info))
+    tracker = Tracker.start(cfg, out, info)
+    runs = {v: tracker.start_variant(v) for v in VARIANTS}
+    assert all(runs.values())
+    calls = {"n": 0}
+
+    def down(*args, **kwargs):
+        calls["n"] += 1
+        raise ConnectionError("connection refused")
+
+    session = tracker._session
+    assert session.writer.drain(30)  # the start's writes are done: from here on the store is down
+    monkeypatch.setattr(session.client, "log_batch", down)
+    monkeypatch.setattr(session.client, "log_artifact", down)
+    monkeypatch.setattr(session.client, "set_terminated", down)
+    tracker.metric_logger(runs["ae"])({"train/loss": 1.0}, 1)
+    start = time.monotonic()
+    tracker.log_results(out, runs, {})
+    tracker.finish({})
+    assert time.monotonic() - start < 30
+    assert calls["n"] == 3, "after its retries the writer must stop trying"
+    pending = read_json(out / PENDING)
+    assert pending["parent_run_id"] == tracker.parent_id and pending["runs"] == runs
+    assert pending["offline_since"] and len(pending["not_logged"]) > 5
+    assert pending["upload_with"] == f"ae-repr log-run {out}"
+    monkeypatch.undo()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["log-run", str(out)]) == 0
+    assert not (out / PENDING).exists()
+    client = _client(uri)
+    _, parent = _parent(client)
+    assert parent.data.tags["ae_repr.replaces"] == tracker.parent_id
+    assert parent.data.tags["ae_repr.out_dir"] == str(out)
+    assert set(_children(client, parent.info.run_id)) == set(VARIANTS)
+    old = client.get_run(tracker.parent_id)
+    assert old.data.tags["ae_repr.superseded_by"] == parent.info.run_id and old.info.status == "FAILED"
+
+
+def test_compare_reads_runs_back(tracked, tmp_path, monkeypatch, capsys):
+    uri, _ = tracked
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    csv = tmp_path / "compare.csv"
+    assert main(["compare", "--last", "1", "--csv", str(csv)]) == 0
+    text = capsys.readouterr().out
+    assert "linear_probe_accuracy" in text and " vae " in text.replace("│", " ")
+    table = pd.read_csv(csv)
+    assert set(table["variant"]) == set(VARIANTS) and table["eval/linear_probe_accuracy"].notna().all()
+    assert main(["compare", "--experiment", "no-such-experiment"]) == 2
+    assert "no MLflow experiment named 'no-such-experiment'" in capsys.readouterr().err
+    assert main(["compare", "--last", "0"]) == 2
+
+
+def test_writer_retries_then_goes_offline():
+    from flows.tracking_writer import Writer
+
+    w = Writer(retries=2, backoff_s=0.01)
+    attempts = []
+
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ConnectionError("refused")
+        return "ok"
+
+    def down():
+        attempts.append(1)
+        raise ConnectionError("refused")
+
+    assert w.call("flaky", flaky, "r1") == "ok" and not w.offline
+    attempts.clear()
+    assert w.call("down", down, "r1") is None
+    assert len(attempts) == 3 and w.offline
+    assert w.call("later", lambda: attempts.append(1), "r1") is None and len(attempts) == 3
+    assert [n.what for n in w.not_logged] == ["down", "later"]
+    assert w.close(5)
+    json.dumps([n.__dict__ for n in w.not_logged])

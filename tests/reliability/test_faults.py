@@ -1,0 +1,213 @@
+"""Faults with real processes: SIGKILL during training, a diverging variant, garbage checkpoints and models,
+and two runs into one output folder. Nothing finished may be lost; no failure may be a crash."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from reliability_helpers import (
+    assert_one_line_error,
+    describe,
+    files_under,
+    run_cli,
+    start_cli,
+    write_config,
+)
+
+from ae_repr.checkpoint import load_model
+from ae_repr.io import read_json
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started by `start_cli` and everything in its session (servers it started)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def tail(path: Path) -> str:
+    return path.read_text()[-4000:] if path.is_file() else "(no log)"
+
+
+def tmp_files(folder: Path) -> list[Path]:
+    """Temporary files of atomic writes left in `folder`."""
+    return [p for p in files_under(folder) if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------------- SIGKILL
+
+
+EPOCHS = 12
+
+
+def test_sigkill_during_training_resumes_from_the_checkpoint(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "train.yaml", {"train": {"batch_size": 64}})
+    out = tmp_path / "run"
+    mdir = out / "models" / "vae"
+    args = ["train", "--variant", "vae", "--dataset", "digits", "--config", cfg, "--epochs", str(EPOCHS),
+            "--out", out]
+    first = start_cli(*args, log=tmp_path / "first.log")
+    try:
+        wait_for(lambda: (mdir / "checkpoint.pt").is_file() or first.poll() is not None, 180, "the first checkpoint")
+    finally:
+        kill_group(first)
+    assert first.returncode == -signal.SIGKILL, f"the run ended before the kill:\n{tail(tmp_path / 'first.log')}"
+    assert not (mdir / "model.pt").exists(), "killed after training finished: the test did not test a crash"
+    import torch
+
+    done = torch.load(mdir / "checkpoint.pt", weights_only=True)["meta"]["epoch"]
+    assert 1 <= done < EPOCHS
+    (mdir / ".checkpoint.pt.x1y2z3.tmp").write_bytes(b"half a checkpoint")  # what a kill mid-write leaves
+
+    res = run_cli(*args, timeout=300)
+    assert res.returncode == 0, describe(res)
+    found = re.search(r"resumed from epoch (\d+)", res.stdout + res.stderr)
+    assert found, f"no 'resumed from epoch' message\n{describe(res)}"
+    assert int(found.group(1)) == done
+    epochs = [h["epoch"] for h in read_json(mdir / "history.json")]
+    assert epochs == list(range(1, EPOCHS + 1)), f"epochs lost or repeated: {epochs}"
+    assert read_json(mdir / "config.json")["epochs_run"] == EPOCHS
+    loaded = load_model(mdir)
+    assert loaded.variant == "vae" and loaded.model.latent_dim == 4
+    assert not (mdir / "checkpoint.pt").exists(), "the checkpoint of a finished model must be removed"
+    assert tmp_files(out) == [], f"leftover temporary files: {tmp_files(out)}"
+
+
+# ---------------------------------------------------------------------------------------------- divergence
+
+
+def test_diverging_training_fails_with_one_line_naming_variant_epoch_and_term(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "diverge.yaml", {"train": {"lr": 1e30, "epochs": 3}})
+    out = tmp_path / "run"
+    res = run_cli("train", "--variant", "vae", "--dataset", "digits", "--config", cfg, "--out", out)
+    line = assert_one_line_error(res, 1, "vae", "non-finite")
+    assert re.search(r"epoch \d+", line), f"the line does not name the epoch: {line}"
+    assert re.search(r"(train|val)/\w+", line), f"the line does not name the loss term: {line}"
+    assert not out.exists(), "a failed train must not leave the folder it created"
+
+
+# ---------------------------------------------------------------------------------------------- garbage files
+
+
+def test_garbage_checkpoint_and_model_files_are_not_a_crash(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "train.yaml", {"train": {"epochs": 2}})
+    out = tmp_path / "run"
+    mdir = out / "models" / "vae"
+    mdir.mkdir(parents=True)
+    args = ["train", "--variant", "vae", "--dataset", "digits", "--config", cfg, "--out", out]
+
+    # a checkpoint that is garbage: warned about, training starts over
+    (mdir / "checkpoint.pt").write_bytes(os.urandom(2048))
+    res = run_cli(*args)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, describe(res)
+    assert "checkpoint.pt" in res.stderr, f"no word about the unreadable checkpoint\n{describe(res)}"
+    assert [h["epoch"] for h in read_json(mdir / "history.json")] == [1, 2]
+    load_model(mdir)
+
+    # the finished model's weights replaced by garbage: the same command trains again, it does not reuse them
+    (mdir / "model.pt").write_bytes(os.urandom(2048))
+    res = run_cli(*args)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, describe(res)
+    assert "already trained" not in res.stdout, f"corrupt weights were reused\n{describe(res)}"
+    assert "model.pt" in res.stderr, describe(res)
+    load_model(mdir)
+
+
+# ---------------------------------------------------------------------------------------------- concurrent runs
+
+
+def lock_holder(out: Path) -> int | None:
+    try:
+        return int((out / ".lock").read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def lock_is_free(out: Path) -> bool:
+    fd = os.open(out / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+@pytest.mark.slow
+def test_second_run_into_the_same_folder_is_refused_and_a_diverging_variant_fails_alone(tmp_path: Path) -> None:
+    """Two checks on one flow run (a run costs tens of seconds here): the folder lock, and divergence in the flow.
+
+    vae's beta is beyond float32, so its loss is infinite at epoch 1; ae must still finish and be reported.
+    """
+    cfg = write_config(tmp_path / "run.yaml", {"models": {"overrides": {"vae": {"hidden": [32], "beta": 1e39}}}})
+    out = tmp_path / "run"
+    args = ["run", "--config", cfg, "--variants", "ae,vae", "--epochs", "1", "--no-tracking", "--out", out]
+    first = start_cli(*args, log=tmp_path / "first.log")
+    try:
+        wait_for(lambda: lock_holder(out) == first.pid or first.poll() is not None, 180, "the first run's lock")
+        assert first.poll() is None, f"the first run ended early:\n{tail(tmp_path / 'first.log')}"
+
+        started = time.monotonic()
+        second = run_cli(*args, timeout=120)
+        line = assert_one_line_error(second, 2, str(out), "using this folder", str(first.pid))
+        assert time.monotonic() - started < 60, "the second run was not refused at once"
+        assert "--out" in line
+
+        code = first.wait(timeout=420)
+    finally:
+        kill_group(first)
+    log = tail(tmp_path / "first.log")
+    assert code == 1, f"the run with a diverged variant must exit 1, got {code}\n{log}"
+    assert lock_is_free(out), "the lock outlived the run"
+
+    # the first run completed: ae evaluated and summarized, vae marked as failed with the reason
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert "ae" in set(summary["representation"]) and "vae" not in set(summary["representation"])
+    assert ((summary["representation"] == "ae") & (summary["task"] == "linear_probe")).any()
+    report = (out / "report.md").read_text()
+    assert "vae" in report and "non-finite" in report, report
+    assert (out / "models" / "ae" / "model.pt").is_file() and (out / "features" / "ae.parquet").is_file()
+    assert not (out / "models" / "vae" / "model.pt").exists()
+
+    # a holder that crashes releases the lock too
+    third = start_cli(*args, log=tmp_path / "third.log")
+    try:
+        wait_for(lambda: lock_holder(out) == third.pid or third.poll() is not None, 180, "the third run's lock")
+        assert third.poll() is None, f"the third run could not start:\n{tail(tmp_path / 'third.log')}"
+        assert not lock_is_free(out)
+    finally:
+        kill_group(third)
+    assert third.returncode == -signal.SIGKILL
+    assert lock_is_free(out), "the lock of a killed run was not released"
+
+
+def test_slow_tests_are_not_deselected_by_default() -> None:
+    """The test above is marked slow; CI (`make test`) and a plain `pytest` must still run it."""
+    from reliability_helpers import ROOT
+
+    addopts = [ln for ln in (ROOT / "pyproject.toml").read_text().splitlines() if ln.strip().startswith("addopts")]
+    recipe = (ROOT / "Makefile").read_text().split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    pytest_args = recipe.split("pytest", 1)[1]  # what follows `python -m pytest`
+    for text in (*addopts, pytest_args):
+        assert "slow" not in text and "-m" not in text.split(), f"slow tests are deselected by: {text.strip()}"
