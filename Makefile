@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo test lint bench bench-quick services services-stop clean browser
+.PHONY: install demo test lint bench bench-quick peer-venv services services-stop clean browser
 
 install: $(VENV)/.installed
 
@@ -31,11 +31,25 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
-bench-quick: install
-	$(PY) benchmarks/trainer_vs_bare.py --quick
+# Benchmarks (benchmarks/RESULTS.md). OpenMP threads sleep instead of spinning while they wait: on a shared
+# 2-core machine spinning threads collapsed training throughput 10-20x (measured), burying every ratio in noise.
+BENCH_ENV := OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE}
+PEER_VENV := benchmarks/.peer-venv
 
-bench: install
-	$(PY) benchmarks/trainer_vs_bare.py
+bench-quick: install
+	$(BENCH_ENV) $(PY) benchmarks/run_all.py --quick
+
+# pythae lives in its own venv, never in the project's; torch is pinned first (an open range pulls CUDA).
+peer-venv: $(PEER_VENV)/.installed
+
+$(PEER_VENV)/.installed: benchmarks/requirements-peers.txt
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(PEER_VENV)/bin/python -m pip install -q -r benchmarks/requirements-peers.txt
+	touch $@
+
+bench: install peer-venv
+	$(BENCH_ENV) $(PY) benchmarks/run_all.py --json benchmarks/results.json
 
 # Headless Chromium for the MLflow UI test (Debian's package; idempotent).
 browser:

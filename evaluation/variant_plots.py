@@ -47,7 +47,10 @@ def plot_loss_curves(
     epochs = [rec.get("epoch", i + 1) for i, rec in enumerate(history)]
     cols = min(3, len(terms))
     rows = math.ceil(len(terms) / cols)
-    fig = Figure(figsize=(3.2 * cols, 2.4 * rows))
+    fig = Figure(figsize=(3.2 * cols, 2.3 * rows + 0.5))
+    # fixed margins instead of tight_layout, which costs more than drawing the curves
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.5 / fig.get_figheight() + 0.04, top=1 - 0.55 / fig.get_figheight(),
+                        wspace=0.3, hspace=0.45)
     for i, term in enumerate(terms):
         ax = fig.add_subplot(rows, cols, i + 1)
         for split, style in (("train", "-"), ("val", "--")):
@@ -55,12 +58,12 @@ def plot_loss_curves(
             if not np.all(np.isnan(ys)):
                 ax.plot(epochs, ys, style, marker="o" if len(epochs) < 3 else None, ms=3, lw=1.2, label=split)
         ax.set_title(term, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, frameon=False)
+        if i >= len(terms) - cols:
+            ax.set_xlabel("epoch", fontsize=8)
+    fig.axes[0].legend(fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -131,7 +131,19 @@ def test_loss_reports_perplexity_and_used_codes_of_assignments() -> None:
 
 def test_encode_returns_codebook_vectors() -> None:
     model = _vq(dead_code_steps=0).eval()
-    z = model.encode(_x())
+    with torch.no_grad():
+        z = model.encode(_x())
     rows = z.reshape(-1, 2)  # (B * P, D)
     assert z.shape == (32, 8)
     assert torch.cdist(rows, model.codebook).min(1).values.max().item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_encode_under_autograd_reaches_the_encoder() -> None:
+    model = _vq(dead_code_steps=0).eval()
+    z = model.encode(_x())
+    with torch.no_grad():
+        exact = model.encode(_x())
+    assert torch.allclose(z, exact, atol=1e-4)  # the same code vectors, up to float rounding
+    z.pow(2).sum().backward()
+    grads = [p.grad for p in model.encoder.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -1,0 +1,80 @@
+"""Every benchmark in one run: `make bench` (full, writes benchmarks/RESULTS.md) and `make bench-quick`.
+
+Full: trainer vs bare (all six variants, MLP and conv; the VAE also against a bare loop with stock
+AdamW), FLOP/s vs the matmul peak, pythae vs ours, feature extraction, dSprites scale. Quick (CI-sized,
+a few minutes): trainer vs bare for vae and vq_vae on MLP and conv at half the rows, FLOP/s and
+extraction; it prints the same summary and writes nothing unless --results is given. The last line is
+always `trainer_vs_bare=<the smallest ratio>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import extraction
+import flops
+import peer_pythae
+import scale
+import trainer_vs_bare
+from _common import dump, machine, say
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = ["ae", "dae", "vae", "beta_vae", "vq_vae", "hier_vae"]
+
+
+def attempt(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one benchmark; a failure is recorded (and printed) instead of ending the run."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - the other benchmarks still run
+        traceback.print_exc()
+        say(f"{name}: FAILED ({e.__class__.__name__}: {e})")
+        return {"error": f"{e.__class__.__name__}: {e}"}
+
+
+def trainer_cases(quick: bool) -> dict[str, Any]:
+    """Trainer vs bare over the variants; the VAE also against stock AdamW in the full run."""
+    if quick:
+        return trainer_vs_bare.run(trainer_vs_bare.QUICK_VARIANTS.split(","), ["mlp", "conv"], 3, 2, scale=0.5)
+    first = trainer_vs_bare.run(["vae"], ["mlp", "conv"], 3, 2, stock_adamw=True)
+    rest = trainer_vs_bare.run([v for v in VARIANTS if v != "vae"], ["mlp", "conv"], 3, 2)
+    cases = first["cases"] + rest["cases"]
+    return {"cases": cases, "min_ratio": min(c["cpu"]["ratio"] for c in cases),
+            "min_ratio_wall": min(c["wall"]["ratio"] for c in cases)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the CI-sized subset")
+    ap.add_argument("--results", help="markdown file to write (default: benchmarks/RESULTS.md for the full run)")
+    ap.add_argument("--json", help="also write every figure to this JSON file")
+    args = ap.parse_args()
+    m = machine()
+    say(f"machine: {m}")
+    res: dict[str, Any] = {"machine": m, "quick": args.quick}
+    res["trainer_vs_bare"] = attempt("trainer_vs_bare", lambda: trainer_cases(args.quick))
+    res["flops"] = attempt("flops", lambda: flops.run(2 if args.quick else 3))
+    res["extraction"] = attempt("extraction", lambda: extraction.run(100_000, 3 if args.quick else 5))
+    if not args.quick:
+        res["peer"] = attempt("peer", lambda: peer_pythae.run(3))
+        res["scale"] = attempt("scale", scale.run)
+    res["machine"]["load_average_1m_end"] = machine()["load_average_1m"]
+    dump(args.json, res)
+    out = args.results or (None if args.quick else str(HERE / "RESULTS.md"))
+    if out:
+        from report import render
+
+        Path(out).write_text(render(res))
+        say(f"wrote {out}")
+    tvb = res["trainer_vs_bare"]
+    say(f"trainer_vs_bare={tvb['min_ratio']:.3f}" if "min_ratio" in tvb else "trainer_vs_bare=nan")
+    return 0 if "error" not in tvb else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
