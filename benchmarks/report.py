@@ -9,20 +9,28 @@ def _met(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
 
+def _both(cpu_ok: bool, wall_ok: bool) -> str:
+    """Met only when met on both clocks; otherwise say on which one it was."""
+    if cpu_ok and wall_ok:
+        return "**met**"
+    return "**not met**" + (" (met per CPU-s only)" if cpu_ok else " (met per wall-s only)" if wall_ok else "")
+
+
 def _goals(r: dict[str, Any]) -> list[str]:
-    rows = ["| goal | measured (headline: per CPU-second) | wall-clock figure | |", "|---|---|---|---|"]
+    rows = ["| goal | per CPU-second | per wall second | status (met = on both clocks) |", "|---|---|---|---|"]
     t = r.get("trainer_vs_bare", {})
     if "cases" in t:
         rows.append(f"| trainer / bare loop >= 0.95, every variant, MLP and conv | smallest {t['min_ratio']:.3f} | "
-                    f"smallest {t['min_ratio_wall']:.3f} | {_met(t['min_ratio'] >= 0.95)} |")
+                    f"smallest {t['min_ratio_wall']:.3f} | {_both(t['min_ratio'] >= 0.95, t['min_ratio_wall'] >= 0.95)} |")
     f = r.get("flops", {})
     if "cpu" in f:
         rows.append(f"| MLP VAE training FLOP/s >= 50% of fp32 matmul peak | {f['cpu']['fraction']:.1%} executed FLOPs "
                     f"({f['cpu']['fraction_6x']:.1%} by 6x params) | {f['wall']['fraction']:.1%} "
-                    f"({f['wall']['fraction_6x']:.1%}) | {_met(f['met'])} |")
+                    f"({f['wall']['fraction_6x']:.1%}) | {_both(f['cpu']['fraction'] >= 0.5, f['wall']['fraction'] >= 0.5)} |")
     p = r.get("peer", {})
     if "cpu" in p:
-        rows.append(f"| ours >= 1.3x pythae (rows/s) | {p['cpu']['ratio']:.2f}x | {p['wall']['ratio']:.2f}x | {_met(p['met'])} |")
+        rows.append(f"| ours >= 1.3x pythae (rows/s) | {p['cpu']['ratio']:.2f}x | {p['wall']['ratio']:.2f}x | "
+                    f"{_both(p['cpu']['ratio'] >= 1.3, p['wall']['ratio'] >= 1.3)} |")
     e = r.get("extraction", {})
     if "rows_per_s" in e:
         est = e["rows_per_cpu_s"] * r["machine"]["torch_threads"]
@@ -32,10 +40,18 @@ def _goals(r: dict[str, Any]) -> list[str]:
     s = r.get("scale", {})
     if "per_n" in s:
         big = s["per_n"][max(s["per_n"], key=int)]
-        rows.append(f"| scale: time(100k)/time(10k) <= 11 | {s['cpu_time_ratio']:.2f} (CPU) | {s['time_ratio']:.2f} | "
-                    f"{_met(s['met_time'])} |")
-        rows.append(f"| scale: peak RSS <= 4 GiB at 100k | {big['peak_rss_gib']:.2f} GiB | | {_met(s['met_rss'])} |")
-    for name in ("trainer_vs_bare", "flops", "peer", "extraction", "scale"):
+        rows.append(f"| scale: time(100k)/time(10k) <= 11 | {s['cpu_time_ratio']:.2f} (CPU); training stage alone "
+                    f"{s['train_time_ratio']:.2f} (wall) | {s['time_ratio']:.2f} | "
+                    f"{_both(s['cpu_time_ratio'] <= 11, s['met_time'])} |")
+        rows.append(f"| scale: peak RSS <= 4 GiB at 100k | | {big['peak_rss_gib']:.2f} GiB (VmHWM) | {_met(s['met_rss'])} |")
+    d = r.get("end_to_end", {})
+    if "on" in d:
+        on = d["on"]
+        rows.append(f"| `ae-repr run` on digits < 60 s (tracking on) | | {on['total_s']:.1f} s | {_met(d['met_total'])} |")
+        rows.append(f"| orchestration + tracking <= 25% of it | | {on['overhead_share']:.0%} by the flow's clock; "
+                    f"{d['overhead_share_paired']:.0%} taking tracking on - off ({d['tracking_cost_s']:+.1f} s) as "
+                    f"tracking's cost | {_met(d['met_overhead'] and d['overhead_share_paired'] <= 0.25)} |")
+    for name in ("trainer_vs_bare", "flops", "peer", "extraction", "scale", "end_to_end"):
         if "error" in r.get(name, {}):
             rows.append(f"| {name} | failed: {r[name]['error']} | | **not measured** |")
     return rows
@@ -66,9 +82,12 @@ def render(r: dict[str, Any]) -> str:
         f"{m['load_average_1m']} at the start and {m.get('load_average_1m_end', '?')} at the end (the machine is shared).",
         "",
         "Clocks: every ratio is measured side by side in one run (alternating rounds, median of per-round "
-        "ratios). Each is given per CPU-second of the measuring process (the headline: on a shared machine it "
-        "estimates the dedicated-machine ratio; other processes' load mostly lengthens wall time, not the "
-        "work done) and per wall second (what the clock on the wall said, noisy under load).",
+        "ratios), per CPU-second of the measuring process and per wall second. Under load from other "
+        "processes the CPU clock is the stable one (load lengthens wall time, not the work done); on a quiet "
+        "machine the wall clock is the truth, and the CPU clock flatters work that keeps fewer than all "
+        "threads busy (the trainer's small ops) against work that keeps them all busy (a large matmul). A "
+        "goal counts as met only when it is met on both clocks. The line `trainer_vs_bare=` that "
+        "`make bench-quick` ends with is the smallest CPU-clock ratio (stable enough to track in CI).",
         "",
         "## Goals",
         "",
@@ -79,11 +98,11 @@ def render(r: dict[str, Any]) -> str:
     if "cases" in t:
         out += ["## Trainer vs bare loop", "",
                 "Random binary 28x28 uint8 images (MLP: 20k rows, 784-512-16; conv: 6k rows, channels 32, 64; "
-                "latent 16), batch 128, 2 epochs, 3 rounds. The bare loop uses the trainer's optimizer (fused "
-                "AdamW) and times only its loop; the trainer is timed from the call to the saved model "
+                f"latent 16), batch 128, 2 epochs, {len(t['cases'][0]['rounds']['trainer'])} rounds. The bare loop uses the trainer's optimizer (fused "
+                "AdamW) and memory format (channels-last conv weights) and times only its loop; the trainer is timed from the call to the saved model "
                 "(validation on 10% of rows each epoch, checkpoint with optimizer state, best-weights copy, "
-                "history, final save). The last column compares the trainer with a bare loop using stock "
-                "`torch.optim.AdamW`.", "", *_trainer(t), ""]
+                "history, final save). The last column compares the trainer with a bare loop as a minimal "
+                "script writes it (stock `torch.optim.AdamW`, default memory format).", "", *_trainer(t), ""]
     f = r.get("flops", {})
     if "cpu" in f:
         out += ["## FLOP/s", "",
@@ -114,9 +133,20 @@ def render(r: dict[str, Any]) -> str:
     if "per_n" in s:
         out += ["## Scale (dSprites)", "",
                 "One process per N: generate `dsprites:N` (64x64 uint8, kept uint8), train one epoch of a conv VAE "
-                "(channels 8, 16; latent 10; batch 128). Wall time from spawn to exit (imports included); peak RSS "
-                "from `os.wait4`.", "",
+                "(channels 16, 32; latent 10; batch 128). Wall time from spawn to exit (imports included); peak RSS "
+                "is the child's own VmHWM (its `ru_maxrss` would include the parent's size, carried over by exec).", "",
                 "| N | wall s | CPU s | data s | train s | peak RSS GiB |", "|---|---|---|---|---|---|",
                 *(f"| {int(n):,} | {v['wall_s']:.1f} | {v['cpu_s']:.1f} | {v['data_s']:.1f} | {v['train_s']:.1f} | "
                   f"{v['peak_rss_gib']:.2f} |" for n, v in sorted(s["per_n"].items(), key=lambda kv: int(kv[0]))), ""]
+    d = r.get("end_to_end", {})
+    if "on" in d:
+        out += ["## End to end (`ae-repr run --dataset digits`)", "",
+                "A fresh process per run, timed from spawn to exit; start-up = spawn until the flow body ran "
+                "(interpreter, imports, ephemeral Prefect API); busy seconds per phase from the run's "
+                "`timings.json` (threads run side by side, so they overlap). One untimed warm-up run, then "
+                "tracking on and off alternate.", "",
+                "| tracking | total s | start-up s | flow body s | after s | busy s per phase |", "|---|---|---|---|---|---|",
+                *(f"| {'on' if x['tracking'] else 'off'} | {x['total_s']:.1f} | {x['startup_s']:.1f} | {x['flow_s']:.1f} | "
+                  f"{x['after_s']:.1f} | {', '.join(f'{k} {v:.1f}' for k, v in x['phases_busy_s'].items())} |"
+                  for side in ("on", "off") for x in d["runs"][side]), ""]
     return "\n".join(out) + "\n"

@@ -1,7 +1,8 @@
 """Every benchmark in one run: `make bench` (full, writes benchmarks/RESULTS.md) and `make bench-quick`.
 
 Full: trainer vs bare (all six variants, MLP and conv; the VAE also against a bare loop with stock
-AdamW), FLOP/s vs the matmul peak, pythae vs ours, feature extraction, dSprites scale. Quick (CI-sized,
+AdamW), FLOP/s vs the matmul peak, pythae vs ours, feature extraction, dSprites scale, `ae-repr run`
+end to end with tracking on and off. Quick (CI-sized,
 a few minutes): trainer vs bare for vae and vq_vae on MLP and conv at half the rows, FLOP/s and
 extraction; it prints the same summary and writes nothing unless --results is given. The last line is
 always `trainer_vs_bare=<the smallest ratio>`.
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import end_to_end
 import extraction
 import flops
 import peer_pythae
@@ -25,6 +27,7 @@ from _common import dump, machine, say
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ["ae", "dae", "vae", "beta_vae", "vq_vae", "hier_vae"]
+ROUNDS = 4  # full run, trainer vs bare: per-case CPU-clock noise is a few percent on a shared machine
 
 
 def attempt(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -41,8 +44,8 @@ def trainer_cases(quick: bool) -> dict[str, Any]:
     """Trainer vs bare over the variants; the VAE also against stock AdamW in the full run."""
     if quick:
         return trainer_vs_bare.run(trainer_vs_bare.QUICK_VARIANTS.split(","), ["mlp", "conv"], 3, 2, scale=0.5)
-    first = trainer_vs_bare.run(["vae"], ["mlp", "conv"], 3, 2, stock_adamw=True)
-    rest = trainer_vs_bare.run([v for v in VARIANTS if v != "vae"], ["mlp", "conv"], 3, 2)
+    first = trainer_vs_bare.run(["vae"], ["mlp", "conv"], ROUNDS, 2, stock_adamw=True)
+    rest = trainer_vs_bare.run([v for v in VARIANTS if v != "vae"], ["mlp", "conv"], ROUNDS, 2)
     cases = first["cases"] + rest["cases"]
     return {"cases": cases, "min_ratio": min(c["cpu"]["ratio"] for c in cases),
             "min_ratio_wall": min(c["wall"]["ratio"] for c in cases)}
@@ -63,6 +66,7 @@ def main() -> int:
     if not args.quick:
         res["peer"] = attempt("peer", lambda: peer_pythae.run(3))
         res["scale"] = attempt("scale", scale.run)
+        res["end_to_end"] = attempt("end_to_end", lambda: end_to_end.run(2))
     res["machine"]["load_average_1m_end"] = machine()["load_average_1m"]
     dump(args.json, res)
     out = args.results or (None if args.quick else str(HERE / "RESULTS.md"))

@@ -3,14 +3,14 @@
 For each variant and backbone the project's trainer (`ae_repr.train.train_variant`: validation pass,
 checkpoint with optimizer state every epoch, best-weights copy, history, final save) and a bare loop
 (shuffle, gather + float, `loss()["loss"].backward()`, optimizer step, nothing else) train identical
-models (same seed, same training rows, same optimizer settings as the trainer's) on random binary
+models (same seed, same training rows, the trainer's optimizer and memory format) on random binary
 28x28 images, alternating, several rounds. Throughput is training rows x epochs / wall seconds: the
 trainer's clocks run from the call to the saved model, the bare loop's only around its loop. Two
 clocks: rows per CPU-second of this process (the headline: on a shared machine it is the stable
 estimate of the dedicated-machine ratio) and rows per wall second (noisy under load). A ratio is the
 median over rounds of trainer / bare. The last line is `trainer_vs_bare=<the smallest CPU ratio>`.
-With --stock-adamw a third side, the bare loop with `torch.optim.AdamW`'s defaults (what a minimal
-script writes), shows what the trainer's fused optimizer is worth.
+With --stock-adamw a third side, the bare loop as a minimal script writes it (`torch.optim.AdamW`'s
+defaults, default memory format), shows what the trainer's fused optimizer and channels-last convs are worth.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def bare_loop(variant: str, cfg: ExperimentConfig, data: Dataset, *, stock_adamw
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.models.model_config_for(variant)
     model = build_model(variant, model_cfg, data.shape, "bernoulli")  # the trainer's choice for [0, 1] images
-    fused = {} if stock_adamw else {"fused": True}  # the trainer's optimizer, unless measuring the stock one
+    if not stock_adamw:  # the trainer's settings: channels-last conv weights and fused AdamW
+        model = model.to(memory_format=torch.channels_last)
+    fused = {} if stock_adamw else {"fused": True}
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **fused)
     x = torch.from_numpy(data.x)  # uint8, as the trainer keeps it
     rows = torch.from_numpy(split_validation(data.train_idx, tc.val_fraction, cfg.seed)[0])
