@@ -46,6 +46,8 @@ _ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
     # log_model would list the names of environment variables read during inference in the model's files
     "MLFLOW_RECORD_ENV_VARS_IN_MODEL_LOGGING": "false",
+    # ending a run prints its URL to stdout; the CLI prints the links that matter itself
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 _EXAMPLE_ROWS = 8
 
@@ -142,6 +144,8 @@ class Session:
             os.environ.setdefault(key, value)
         self.uri = uri
         self.settings = settings
+        self._metrics: dict[str, list[Any]] = {}  # run id -> metrics waiting for their queued write
+        self._metrics_lock = threading.Lock()
         # log_model and the registry resolve the process-wide URI, not the client's (the registry follows it
         # unless MLFLOW_REGISTRY_URI names another one)
         mlflow.set_tracking_uri(uri)
@@ -210,15 +214,29 @@ class Session:
         self._queue(run_id, f"tags {', '.join(tags)}", lambda: self.client.log_batch(run_id, tags=items))
 
     def log_metrics(self, run_id: str | None, items: Iterable[tuple[str, float, int]]) -> None:
-        """Queue (key, value, step) metrics, 1000 per request."""
+        """Queue (key, value, step) metrics; those queued for a run before its write starts go in one request."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v, step in items if np.isfinite(v)]
-        for i in range(0, len(metrics), 1000):
-            chunk = metrics[i : i + 1000]
-            what = f"metrics {chunk[0].key}..{chunk[-1].key} (step {chunk[0].step})"
-            self._queue(run_id, what, lambda c=chunk: self.client.log_batch(run_id, metrics=c))
+        if run_id is None or not metrics:
+            return
+        with self._metrics_lock:
+            waiting = self._metrics.get(run_id)
+            if waiting is not None:  # a write for this run is queued and has not started: ride along
+                waiting.extend(metrics)
+                return
+            self._metrics[run_id] = metrics
+        batch: list[Any] = []
+
+        def send() -> None:
+            if not batch:  # taken once; a retry resends the same values
+                with self._metrics_lock:
+                    batch.extend(self._metrics.pop(run_id, []))
+            for i in range(0, len(batch), 1000):
+                self.client.log_batch(run_id, metrics=batch[i : i + 1000])
+
+        self._queue(run_id, f"metrics from {metrics[0].key} (step {metrics[0].step})", send)
 
     def log_dataset(self, run_id: str | None, info: dict[str, Any]) -> None:
         """Queue the data set as a dataset input: its name, digest (sha256 prefix) and sample shape."""
@@ -264,6 +282,7 @@ class Session:
             enc, name=MODEL_NAME, run_id=run_id, signature=signature, input_example=x,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
             registered_model_name=registered_name(variant) if register else None,
+            validate_serving_input=False,  # a reload + predict per model; the tests load and run the model
             metadata=rec.safe({"variant": variant, "latent_dim": enc.latent_dim, "dataset": info.get("dataset"),
                                "dataset_sha256": info.get("sha256"), "input": "raw rows, float32"}),
         )
@@ -640,7 +659,9 @@ def compare_runs(experiment: str, last: int = 5) -> Comparison:
     if exp is None:
         raise UserError(f"no MLflow experiment named {experiment!r} at {display_uri(uri)}")
     parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{rec.KIND_TAG}` = '{rec.PARENT_KIND}'",
-                                 order_by=["attributes.start_time DESC"], max_results=last)
+                                 order_by=["attributes.start_time DESC"], max_results=last + 20)
+    # a live attempt that `log-run` re-uploaded is not a run of its own
+    parents = [p for p in parents if "ae_repr.superseded_by" not in p.data.tags][:last]
     rows: list[dict[str, Any]] = []
     for p in parents:
         children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{p.info.run_id}'",
