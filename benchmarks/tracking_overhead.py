@@ -41,10 +41,11 @@ def _run(args: list[str], out: Path, env: dict[str, str], tracked: bool) -> tupl
     return elapsed, _cpu() - cpu
 
 
-def _tracking_busy(out: Path) -> float:
+def _phases(out: Path) -> dict[str, float]:
+    """Busy seconds per flow phase from the run's `timings.json`."""
     path = out / "timings.json"
     phases = json.loads(path.read_text()).get("phases", {}) if path.is_file() else {}
-    return float(phases.get("tracking", {}).get("busy_s", float("nan")))
+    return {k: float(v.get("busy_s", float("nan"))) for k, v in phases.items()}
 
 
 def main() -> None:
@@ -75,7 +76,10 @@ def main() -> None:
             ratios.append(m[True][0] / m[False][0])
             print(f"round {i + 1}: wall off {m[False][0]:.1f}s on {m[True][0]:.1f}s ratio {ratios[-1]:.3f}; "
                   f"cpu off {m[False][1]:.1f}s on {m[True][1]:.1f}s ratio {m[True][1] / m[False][1]:.3f}; "
-                  f"tracking phase {_tracking_busy(outs[True]):.1f}s", flush=True)
+                  f"tracking phase {_phases(outs[True]).get('tracking', float('nan')):.1f}s", flush=True)
+            for t in (False, True):
+                busy = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(_phases(outs[t]).items()))
+                print(f"  busy per phase, tracking {'on ' if t else 'off'}: {busy}", flush=True)
         print(f"tracking_overhead={statistics.median(ratios):.3f}")
 
 

@@ -5,6 +5,11 @@ through `MlflowClient` with explicit run ids, and every write goes through one b
 (`tracking_writer.Writer`): training threads only enqueue, retries back off, and when the server stays
 down the run completes on disk and `<out>/tracking_pending.json` says what was not logged, for
 `ae-repr log-run OUT` (`upload_run`) to upload later. With tracking disabled every method is a no-op.
+
+Per-epoch and evaluation metrics stream during the run (collected for a few seconds per write). The
+Python-heavy part — figures, exporting and registering each encoder — waits for `log_results`, after
+training and evaluation: run beside them, it held the GIL against their many short native calls and
+slowed them by far more than its own CPU time.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ _ENV_DEFAULTS = {
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 _EXAMPLE_ROWS = 8
+_METRICS_FLUSH_S = 5.0  # metrics logged from the flow's threads reach MLflow at most this late
 
 
 def registered_name(variant: str) -> str:
@@ -145,6 +151,7 @@ class Session:
         self.uri = uri
         self.settings = settings
         self._metrics: dict[str, list[Any]] = {}  # run id -> metrics waiting for their queued write
+        self._timers: dict[str, threading.Timer] = {}  # run id -> the timer that queues them
         self._metrics_lock = threading.Lock()
         # log_model and the registry resolve the process-wide URI, not the client's (the registry follows it
         # unless MLFLOW_REGISTRY_URI names another one)
@@ -223,10 +230,23 @@ class Session:
             return
         with self._metrics_lock:
             waiting = self._metrics.get(run_id)
-            if waiting is not None:  # a write for this run is queued and has not started: ride along
+            if waiting is not None:  # a write for this run is waiting and has not started: ride along
                 waiting.extend(metrics)
                 return
             self._metrics[run_id] = metrics
+            if not self.writer.on_writer_thread():
+                # collect for a few seconds: fewer, larger writes, and less Python work beside the training threads
+                timer = threading.Timer(_METRICS_FLUSH_S, self._send_metrics, (run_id,))
+                timer.daemon = True
+                self._timers[run_id] = timer
+                timer.start()
+                return
+        self._send_metrics(run_id)
+
+    def _send_metrics(self, run_id: str) -> None:
+        """Queue one write of every metric collected for a run."""
+        with self._metrics_lock:
+            self._timers.pop(run_id, None)
         batch: list[Any] = []
 
         def send() -> None:
@@ -236,7 +256,21 @@ class Session:
             for i in range(0, len(batch), 1000):
                 self.client.log_batch(run_id, metrics=batch[i : i + 1000])
 
-        self._queue(run_id, f"metrics from {metrics[0].key} (step {metrics[0].step})", send)
+        self._queue(run_id, "metrics", send)
+
+    def flush_metrics(self) -> None:
+        """Queue the metrics still being collected now, instead of when their timers fire."""
+        with self._metrics_lock:
+            timers = list(self._timers.items())
+            self._timers.clear()
+        for run_id, timer in timers:
+            timer.cancel()
+            self._send_metrics(run_id)
+
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Write everything queued and stop the writer; False when it did not finish in time."""
+        self.flush_metrics()
+        return self.writer.close(timeout_s)
 
     def log_dataset(self, run_id: str | None, info: dict[str, Any]) -> None:
         """Queue the data set as a dataset input: its name, digest (sha256 prefix) and sample shape."""
@@ -452,13 +486,9 @@ class Tracker:
         return log_epoch
 
     def eval_logger(self, run_id: str | None) -> Callable[[dict[str, float]], None] | None:
-        """An evaluation metrics callback; a learned variant's evaluation starting also queues its files and model."""
+        """An evaluation metrics callback (only enqueues)."""
         if self._session is None or run_id is None:
             return None
-        variant = next((v for v, r in self.runs.items() if r == run_id), None)
-        if variant is not None:
-            # its model and features exist now: upload them while the evaluation runs, not after the flow
-            self._upload(variant)
         session = self._session
 
         def log_eval(metrics: dict[str, float]) -> None:
@@ -514,7 +544,7 @@ class Tracker:
 
     def _close(self, session: Session) -> None:
         started = time.perf_counter()
-        drained = session.writer.close(self.cfg.tracking.flush_timeout_s)
+        drained = session.close(self.cfg.tracking.flush_timeout_s)
         log.info("MLflow: queued writes finished in %.1fs", time.perf_counter() - started)
         pending = self.out_dir / PENDING
         if drained and not session.writer.not_logged:
@@ -546,7 +576,7 @@ class Tracker:
         if self.out_dir.is_dir():
             self._close(self._session)
         else:  # removed meanwhile (a failed command cleans up): no record to write into it
-            self._session.writer.close(30)
+            self._session.close(30)
 
 
 @dataclass(frozen=True)
@@ -583,7 +613,7 @@ def upload_run(out_dir: str | os.PathLike[str], experiment: str | None = None) -
             "ae_repr.replaces": pending.get("parent_run_id")}
     parent_id = session.create_run(flow_run.get("name") or out.name, rec.safe(tags))
     if parent_id is None:
-        session.writer.close(5)
+        session.close(5)
         raise RuntimeError(f"MLflow at {display_uri(uri)}: could not create the parent run")
     session.log_params(parent_id, rec.safe(cfg.flat()))
     session.log_dataset(parent_id, info)
@@ -610,7 +640,7 @@ def upload_run(out_dir: str | os.PathLike[str], experiment: str | None = None) -
         session.log_tags(parent_id, {"failed": ", ".join(sorted(failed))})
     session.terminate(parent_id, "FAILED" if failed else "FINISHED")
     _supersede(session, pending, parent_id)
-    drained = session.writer.close(settings.flush_timeout_s)
+    drained = session.close(settings.flush_timeout_s)
     if not drained or session.writer.not_logged:
         first = session.writer.not_logged[0] if session.writer.not_logged else None
         raise RuntimeError(f"MLflow at {display_uri(uri)}: {len(session.writer.not_logged)} writes failed during the "

@@ -64,10 +64,14 @@ class Writer:
         """True once a write failed for good: later writes are recorded, not attempted."""
         return self.offline_since is not None
 
+    def on_writer_thread(self) -> bool:
+        """True when called from a write being run (its own writes then run at once)."""
+        return threading.current_thread() is self._thread
+
     def submit(self, what: str, fn: Callable[[], T], run_id: str | None = None) -> Future[T | None]:
         """Queue a write; the future resolves to its result, or None when it was not logged."""
         fut: Future[T | None] = Future()
-        if threading.current_thread() is self._thread:
+        if self.on_writer_thread():
             # a write queued by a running write is part of it: run it now, or a drain could overtake it
             fut.set_result(self._run(what, run_id, fn))
         else:
