@@ -117,3 +117,15 @@ def _jsonable(o: Any) -> Any:
 def say(*parts: object) -> None:
     """Print and flush (results arrive while a long benchmark runs)."""
     print(*parts, flush=True)
+
+
+def rounds_main(doc: str, run: Callable[[int], dict[str, Any]], default_rounds: int) -> int:
+    """The command line of a benchmark whose one knob is its round count: `--rounds N [--json FILE]`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=default_rounds)
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    args = ap.parse_args()
+    dump(args.json, {"machine": machine(), **run(args.rounds)})
+    return 0

@@ -12,7 +12,6 @@ then tracking on and off alternate. Goals: under 60 s in all, orchestration + tr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import dump, machine, say
+from _common import rounds_main, say
 
 TOTAL_GOAL_S, OVERHEAD_GOAL = 60.0, 0.25
 
@@ -80,12 +79,7 @@ def run(rounds: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--json", help="also write the results to this JSON file")
-    args = ap.parse_args()
-    dump(args.json, {"machine": machine(), **run(args.rounds)})
-    return 0
+    return rounds_main(__doc__, run, default_rounds=2)
 
 
 if __name__ == "__main__":

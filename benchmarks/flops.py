@@ -13,13 +13,12 @@ FLOP/s over that round's peak, on the wall clock and on this process's CPU clock
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from typing import Any
 
 import torch
-from _common import Measured, alternate, dump, machine, measure, say
+from _common import Measured, alternate, measure, rounds_main, say
 from trainer_vs_bare import config, trainer
 
 from ae_repr.models import build_model
@@ -69,12 +68,7 @@ def run(rounds: int, rows: int = 20_000) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", help="also write the results to this JSON file")
-    args = ap.parse_args()
-    dump(args.json, {"machine": machine(), **run(args.rounds)})
-    return 0
+    return rounds_main(__doc__, run, default_rounds=3)
 
 
 if __name__ == "__main__":

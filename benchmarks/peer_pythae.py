@@ -8,14 +8,13 @@ training rows per second (wall clock and this process's CPU clock). Goal: >= 1.3
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from _common import Measured, alternate, dump, machine, median_rate, paired_ratio, say
+from _common import Measured, alternate, median_rate, paired_ratio, rounds_main, say
 
 HERE = Path(__file__).resolve().parent
 PEER_PYTHON = HERE / ".peer-venv" / "bin" / "python"
@@ -51,12 +50,7 @@ def run(rounds: int, rows: int = 20_000, epochs: int = 2) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", help="also write the results to this JSON file")
-    args = ap.parse_args()
-    dump(args.json, {"machine": machine(), **run(args.rounds)})
-    return 0
+    return rounds_main(__doc__, run, default_rounds=3)
 
 
 if __name__ == "__main__":
