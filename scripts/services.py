@@ -238,18 +238,23 @@ def start(args: argparse.Namespace) -> int:
     base.pop("PREFECT_API_URL", None)
     started: list[str] = []
     connect = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # where clients connect
+    waits = []  # both servers start side by side, then we wait for both
+
+    def launch(name: str, cmd: list[str], port: int, health: str) -> None:
+        """Start one server in its own process group, record it, and queue its health check."""
+        log = state / "logs" / f"{name}.log"
+        proc = start_group(cmd, log, base)
+        url = f"http://{connect}:{port}"
+        data[name] = {"pid": proc.pid, "pgid": proc.pid, "cmd": cmd, "url": url, "log": str(log)}
+        _save(state, data)
+        started.append(name)
+        waits.append((url + health, proc, log))
+
     try:
-        waits = []  # both servers start side by side, then we wait for both
         if "prefect-server" not in data:
             port = _pick_port(args.prefect_port, 4200, args.host, "prefect")
-            cmd = [str(BIN / "prefect"), "server", "start", "--host", args.host, "--port", str(port)]
-            log = state / "logs" / "prefect-server.log"
-            proc = start_group(cmd, log, base)
-            url = f"http://{connect}:{port}"
-            data["prefect-server"] = {"pid": proc.pid, "pgid": proc.pid, "cmd": cmd, "url": url, "log": str(log)}
-            _save(state, data)
-            started.append("prefect-server")
-            waits.append((url + "/api/health", proc, log))
+            launch("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", args.host, "--port", str(port)],
+                   port, "/api/health")
         if not args.no_mlflow and "mlflow-server" not in data:
             port = _pick_port(args.mlflow_port, 5000, args.host, "mlflow")
             store = state / "mlflow"
@@ -257,13 +262,7 @@ def start(args: argparse.Namespace) -> int:
             cmd = [str(BIN / "mlflow"), "server", "--host", args.host, "--port", str(port), "--workers", "1",
                    "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
                    "--artifacts-destination", str(store / "artifacts")]
-            log = state / "logs" / "mlflow-server.log"
-            proc = start_group(cmd, log, base)
-            url = f"http://{connect}:{port}"
-            data["mlflow-server"] = {"pid": proc.pid, "pgid": proc.pid, "cmd": cmd, "url": url, "log": str(log)}
-            _save(state, data)
-            started.append("mlflow-server")
-            waits.append((url + "/health", proc, log))
+            launch("mlflow-server", cmd, port, "/health")
         deadline = time.monotonic() + args.timeout
         for url, proc, log in waits:
             wait_http(url, proc, max(1.0, deadline - time.monotonic()), log)
