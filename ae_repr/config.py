@@ -105,6 +105,27 @@ class EvalConfig(_Frozen):
     finetune_patience: int = Field(5, gt=0)  # epochs without held-out improvement before stopping
     finetune_val_rows: int = Field(500, gt=0)  # held-out train rows (disjoint from the shots) for early stopping
     finetune_batch_size: int = Field(512, gt=0)  # k*C shots up to this size are one full batch
+    # applications: tasks that use the trained model itself (baselines get their own rows where they apply)
+    applications: tuple[
+        Literal["anomaly", "inpainting", "generation", "augmentation", "rate_distortion", "disentanglement"], ...
+    ] = ("anomaly", "inpainting", "generation", "augmentation", "rate_distortion", "disentanglement")
+    anomaly_classes: tuple[int, ...] | None = None  # held-out classes scored as anomalies; None: the largest label
+    anomaly_epochs: int | None = Field(None, gt=0)  # retraining on the normal classes; None: train.epochs
+    inpaint_masks: tuple[Literal["block", "random"], ...] = Field(("block", "random"), min_length=1)
+    inpaint_block: float = Field(0.5, gt=0, lt=1)  # the square block's side as a fraction of the image side
+    inpaint_random_p: float = Field(0.5, gt=0, lt=1)  # fraction of pixels the random mask hides
+    inpaint_iters: int = Field(10, gt=0)  # x <- m * x_obs + (1 - m) * decode(encode(x)) repetitions
+    inpaint_max_rows: int = Field(500, gt=0)  # test rows inpainted (a fixed subsample)
+    nll_samples: int = Field(500, gt=0)  # importance samples per row for nll_is
+    nll_max_rows: int = Field(500, gt=0)  # test rows scored by nll_is (a fixed subsample)
+    generation_samples: int = Field(1000, gt=0)  # prior samples scored by the real-data classifier
+    augment_k: int = Field(5, gt=0)  # labelled examples per class in the augmentation experiment
+    augment_per_shot: int = Field(10, gt=0)  # generated neighbours per labelled example
+    augment_noise: float = Field(0.5, gt=0)  # latent perturbation, in units of each dimension's train std
+    rd_betas: tuple[float, ...] = ()  # beta sweep: extra beta_vae models at these betas for the rate-distortion curve
+    mig_bins: int = Field(20, ge=2)  # equal-width bins per latent for MIG's mutual information
+    dci_model: Literal["gbt", "lasso"] = "gbt"  # importance matrix from gradient-boosted trees or lasso
+    disentanglement_max_rows: int = Field(10000, gt=10)  # rows (train and test each) used by the estimators
 
 
 class TrackingConfig(_Frozen):

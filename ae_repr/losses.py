@@ -61,6 +61,14 @@ def gaussian_kl_two(
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) * (-logvar_p).exp() - 1.0)
 
 
+def gaussian_log_density(z: torch.Tensor, mu: torch.Tensor | None = None, logvar: torch.Tensor | None = None) -> torch.Tensor:
+    """log N(z; mu, exp(logvar)) summed over the last dimension, (B,); mu/logvar None: the standard normal."""
+    sq = z.pow(2) if mu is None else (z - mu).pow(2)
+    if logvar is None:
+        return -0.5 * (sq + math.log(2 * math.pi)).sum(-1)
+    return -0.5 * (sq * (-logvar).exp() + logvar + math.log(2 * math.pi)).sum(-1)
+
+
 def reparameterize(
     mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:

@@ -178,6 +178,7 @@ def train_variant(
         "best_epoch": state.best_epoch,
         "early_stopped": state.epoch < tc.epochs,
         "train_time_s": train_time,
+        "train_config": tc.model_dump(mode="json"),
         "device": str(device),
     }
     save_model(model_dir, model.cpu(), variant=variant, normalizer=normalizer, extra=extra)

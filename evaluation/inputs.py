@@ -145,8 +145,8 @@ class RawInputs:
     normalizer: Normalizer  # fitted on the feature file's train rows
 
 
-def raw_inputs(ff: FeatureFile) -> RawInputs:
-    """Load the data set named in `ff`'s metadata and align it to `ff`'s rows by sample_id."""
+def dataset_of(ff: FeatureFile) -> tuple[Dataset, np.ndarray]:
+    """The data set named in `ff`'s metadata and the positions of `ff`'s rows in it (by sample_id)."""
     spec = ff.meta.get("dataset")
     if not spec:
         raise UserError(f"{ff.path}: metadata has no 'dataset'; cannot recover the raw inputs")
@@ -156,6 +156,12 @@ def raw_inputs(ff: FeatureFile) -> RawInputs:
     pos = pd.Index(ds.sample_id).get_indexer(ff.frame["sample_id"].to_numpy())
     if (pos < 0).any():
         raise UserError(f"{ff.path}: {int((pos < 0).sum())} sample_ids are not in data set {spec!r}")
+    return ds, pos
+
+
+def raw_inputs(ff: FeatureFile) -> RawInputs:
+    """Load the data set named in `ff`'s metadata and align it to `ff`'s rows by sample_id."""
+    ds, pos = dataset_of(ff)
     x = ds.x[pos]
     normalizer = Normalizer.fit(x[(ff.frame["split"] == "train").to_numpy()])
     flat = normalizer.numpy(x).reshape(len(x), -1)  # (N, D)

@@ -21,7 +21,9 @@ from torch import nn
 from ..losses import (
     gaussian_kl,
     gaussian_kl_two,
+    gaussian_log_density,
     likelihood_mean,
+    log_likelihood,
     nll_constant,
     recon_loss,
     reparameterize,
@@ -121,20 +123,22 @@ class HierVAE(Autoencoder):
             state = self.top_down[lvl](state, draw(lvl, state))
         return state
 
-    def infer(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, list[Level]]:
+    def infer(
+        self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, list[Level]]:
         """Posterior pass: final top-down state and each level's distributions, bottom first."""
         feats = [self.encoder(x)]
         for block in self.bottom_up:
             feats.append(block(feats[-1]))
         mu, logvar = self.top_posterior(feats[-1]).float().chunk(2, dim=1)
-        top = Level(mu, logvar, None, None, reparameterize(mu, logvar) if sample else mu)
+        top = Level(mu, logvar, None, None, reparameterize(mu, logvar, generator) if sample else mu)
         levels: list[Level] = []
 
         def draw(lvl: int, state: torch.Tensor) -> torch.Tensor:
             mu_p, logvar_p = self.priors[lvl](state).float().chunk(2, dim=1)
             d_mu, d_logvar = self.posteriors[lvl](torch.cat([feats[lvl], state], dim=1)).float().chunk(2, dim=1)
             mu_q, logvar_q = mu_p + d_mu, logvar_p + d_logvar  # residual normal: posterior relative to prior
-            z = reparameterize(mu_q, logvar_q) if sample else mu_q
+            z = reparameterize(mu_q, logvar_q, generator) if sample else mu_q
             levels.append(Level(mu_q, logvar_q, mu_p, logvar_p, z))
             return z
 
@@ -149,6 +153,14 @@ class HierVAE(Autoencoder):
         """The likelihood mean given every level's z concatenated bottom first, (B, *input_shape)."""
         zs = z.split(self.level_dims, dim=1)  # bottom first
         return likelihood_mean(self.decoder(self._walk(zs[-1], lambda lvl, _: zs[lvl])), self.likelihood)
+
+    def log_weight(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """log p(x, z) - log q(z|x) at one draw of every level from the posterior, constants included, (B,)."""
+        state, levels = self.infer(x, generator=generator)
+        log_w = log_likelihood(self.decoder(state).float(), x, self.likelihood)
+        for lv in levels:  # the top level's prior is N(0, I) (mu_p None); lower levels' come from the state
+            log_w = log_w + gaussian_log_density(lv.z, lv.mu_p, lv.logvar_p) - gaussian_log_density(lv.z, lv.mu_q, lv.logvar_q)
+        return log_w
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Ancestral draws from the prior, top level first, decoded, (n, *input_shape)."""

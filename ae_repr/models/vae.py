@@ -12,7 +12,16 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from ..losses import gaussian_kl, likelihood_mean, nll_constant, recon_loss, reparameterize, vae_terms
+from ..losses import (
+    gaussian_kl,
+    gaussian_log_density,
+    likelihood_mean,
+    log_likelihood,
+    nll_constant,
+    recon_loss,
+    reparameterize,
+    vae_terms,
+)
 from .backbones import make_decoder, make_encoder
 from .base import Autoencoder, ModelConfig
 
@@ -52,6 +61,16 @@ class VAE(Autoencoder):
         """Decoded draws from the N(0, I) prior, (n, *input_shape)."""
         device = next(self.parameters()).device
         return self.decode(torch.randn(n, self.latent_dim, generator=generator, device=device))
+
+    def log_weight(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """log p(x, z) - log q(z|x) at one z ~ q(z|x) per row, constants included, (B,).
+
+        Its mean over draws is the ELBO; -log of the mean of exp over S draws is the importance-sampled NLL.
+        """
+        mu, logvar = self.posterior(x)
+        z = reparameterize(mu, logvar, generator)
+        log_px = log_likelihood(self.decoder(z).float(), x, self.likelihood)
+        return log_px + gaussian_log_density(z) - gaussian_log_density(z, mu, logvar)
 
     def loss(
         self,

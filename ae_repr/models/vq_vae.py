@@ -85,6 +85,22 @@ class VQVAE(Autoencoder):
         z_q = straight_through(z, z_q) if torch.is_grad_enabled() else z_q
         return z_q.reshape(x.shape[0], self.latent_dim)  # (B, P * D)
 
+    @torch.no_grad()
+    def code_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """The nearest code's index at every position, (B, positions)."""
+        return self.quantize(self._codes(x))[0].reshape(x.shape[0], self.positions)
+
+    @torch.no_grad()
+    def quantization_error(self, x: torch.Tensor) -> torch.Tensor:
+        """Squared distance from the encoder outputs to their nearest codes, summed over positions, (B,)."""
+        z = self._codes(x)  # (B * P, D)
+        return (z - self.quantize(z)[1]).pow(2).sum(1).reshape(x.shape[0], self.positions).sum(1)
+
+    def decode_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """The likelihood mean of code indices (B, positions), (B, *input_shape)."""
+        z_q = F.embedding(indices, self.codebook)  # (B, P, D)
+        return self.decode(z_q.reshape(indices.shape[0], self.latent_dim))
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The likelihood mean of (quantized) latents `z` (B, latent_dim), (B, *input_shape)."""
         return likelihood_mean(self.decoder(z), self.likelihood)
