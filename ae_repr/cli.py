@@ -282,10 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        for path in created:  # leave nothing half-written behind, with or without --debug
+            shutil.rmtree(path, ignore_errors=True)
         if args.debug:
             raise
-        for path in created:  # leave nothing half-written behind
-            shutil.rmtree(path, ignore_errors=True)
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")  # one line; --debug has all
         if isinstance(e, UserError):
             print(f"{PROG}: error: {first}", file=sys.stderr)
