@@ -5,10 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -41,15 +49,20 @@ class ModelsConfig(_Frozen):
     def _split_csv(cls, v: Any) -> Any:
         return tuple(s.strip() for s in v.split(",") if s.strip()) if isinstance(v, str) else v
 
-    @model_validator(mode="after")
-    def _known_variants(self) -> ModelsConfig:
+    @field_validator("variants", "overrides")
+    @classmethod
+    def _known_variants(cls, v: Any, info: ValidationInfo) -> Any:
         from .models import REGISTRY  # late: models import torch
 
-        unknown = [v for v in (*self.variants, *self.overrides) if v not in REGISTRY]
+        if info.field_name == "variants" and not v:
+            raise ValueError("no variants selected")
+        unknown = [name for name in v if name not in REGISTRY]
         if unknown:
             raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(REGISTRY)}")
-        if not self.variants:
-            raise ValueError("no variants selected")
+        return v
+
+    @model_validator(mode="after")
+    def _valid_overrides(self) -> ModelsConfig:
         for v in dict.fromkeys((*self.variants, *self.overrides)):
             try:
                 self.model_config_for(v)  # validates overrides now (all of them: a typo fails loudly), not at training time
@@ -122,7 +135,7 @@ class EvalConfig(_Frozen):
     augment_k: int = Field(5, gt=0)  # labelled examples per class in the augmentation experiment
     augment_per_shot: int = Field(10, gt=0)  # generated neighbours per labelled example
     augment_noise: float = Field(0.5, gt=0)  # latent perturbation, in units of each dimension's train std
-    rd_betas: tuple[float, ...] = ()  # beta sweep: extra beta_vae models at these betas for the rate-distortion curve
+    rd_betas: tuple[Annotated[float, Field(ge=0)], ...] = ()  # beta sweep: extra beta_vae models for the rate-distortion curve
     mig_bins: int = Field(20, ge=2)  # equal-width bins per latent for MIG's mutual information
     dci_model: Literal["gbt", "lasso"] = "gbt"  # importance matrix from gradient-boosted trees or lasso
     disentanglement_max_rows: int = Field(10000, gt=10)  # rows (train and test each) used by the estimators
@@ -152,6 +165,12 @@ class ExperimentConfig(_Frozen):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     seed: int = 0
 
+    def with_beta(self, beta: float) -> ExperimentConfig:
+        """A copy whose beta_vae has KL weight `beta` (one point of the rate-distortion sweep)."""
+        d = self.model_dump()
+        d["models"]["overrides"].setdefault("beta_vae", {})["beta"] = beta
+        return ExperimentConfig.model_validate(d)
+
     def with_overrides(
         self,
         *,
@@ -160,17 +179,22 @@ class ExperimentConfig(_Frozen):
         epochs: int | None = None,
         latent_dim: int | None = None,
     ) -> ExperimentConfig:
-        """A copy with the CLI's top-level overrides applied and validated."""
+        """A copy with the CLI's top-level overrides applied and validated; an error names the flag."""
         d = self.model_dump()
-        if dataset is not None:
-            d["data"]["dataset"] = dataset
-        if variants is not None:
-            d["models"]["variants"] = variants
-        if epochs is not None:
-            d["train"]["epochs"] = epochs
-        if latent_dim is not None:
-            d["models"]["latent_dim"] = latent_dim
-        return validate_config(d, source="options")
+        given = {}
+        for (section, key), value in zip(_OVERRIDE_FLAGS, (dataset, variants, epochs, latent_dim), strict=True):
+            if value is not None:
+                d[section][key] = given[section, key] = value
+        try:
+            return ExperimentConfig.model_validate(d)
+        except ValidationError as e:
+            loc = tuple(str(p) for p in e.errors()[0]["loc"])
+            for (section, key), value in given.items():
+                if loc[:2] == (section, key):
+                    shown = ",".join(value) if isinstance(value, list | tuple) else value
+                    msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ConfigError(f"{_OVERRIDE_FLAGS[section, key]} {shown}: {msg}") from None
+            raise ConfigError(f"options: {_first_error(e)}") from None
 
     def sha256(self, *sections: str) -> str:
         """Stable hash of the whole config or of the named sections."""
@@ -192,6 +216,15 @@ class ExperimentConfig(_Frozen):
 
         walk("", self.model_dump(mode="json"))
         return out
+
+
+# the CLI flags that override config keys, in with_overrides' argument order
+_OVERRIDE_FLAGS = {
+    ("data", "dataset"): "--dataset",
+    ("models", "variants"): "--variants",
+    ("train", "epochs"): "--epochs",
+    ("models", "latent_dim"): "--latent-dim",
+}
 
 
 def _first_error(e: ValidationError) -> str:

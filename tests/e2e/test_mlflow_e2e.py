@@ -194,3 +194,61 @@ def test_unreachable_server_fails_fast_before_training(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "unreachable" in lines[0] and lines[0].startswith("ae-repr: error: MLflow"), lines
     assert not (out / "models").exists()
+
+
+def test_two_runs_at_once_into_one_server_lose_nothing_and_mark_a_diverged_variant(mlflow_server, tmp_path):
+    """Two `ae-repr run` side by side into one server and different folders: both finish, every run and
+    per-epoch metric arrives; in the second run vae diverges (beta beyond float32) and MLflow marks it FAILED."""
+    from mlflow import MlflowClient
+
+    epochs, experiment = 3, "concurrent-runs"
+    procs, outs = {}, {}
+    for name, overrides in (("steady", {}), ("diverging", {"vae": {"hidden": [32], "beta": 1e39}})):
+        (tmp_path / name).mkdir()
+        cfg = yaml.safe_load(_config(tmp_path / name).read_text())
+        cfg["train"]["epochs"] = epochs
+        cfg["tracking"]["experiment"] = experiment
+        cfg["models"]["overrides"] = overrides
+        cfg["eval"].update(applications=[], fewshot_finetune=False)
+        path = tmp_path / name / "run.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        outs[name] = tmp_path / name / "out"
+        procs[name] = subprocess.Popen(
+            [str(BIN / "ae-repr"), "run", "--config", str(path), "--out", str(outs[name])],
+            env=_env(MLFLOW_TRACKING_URI=mlflow_server), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, cwd=tmp_path / name, start_new_session=True,
+        )
+    logs = {}
+    try:
+        for name, proc in procs.items():
+            logs[name] = proc.communicate(timeout=420)[0]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert procs["steady"].returncode == 0, logs["steady"][-3000:]
+    assert procs["diverging"].returncode == 1, logs["diverging"][-3000:]
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`ae_repr.run_kind` = 'parent'")
+    statuses = sorted(p.info.status for p in parents)
+    assert statuses == ["FAILED", "FINISHED"], statuses
+    for parent in parents:
+        children = {r.data.tags["variant"]: r for r in client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+        assert set(children) == set(VARIANTS)
+        failed = parent.info.status == "FAILED"
+        for v, run in children.items():
+            history = client.get_metric_history(run.info.run_id, "train/loss")
+            if failed and v == "vae":
+                assert run.info.status == "FAILED", run.info.status
+                assert "non-finite" in run.data.tags.get("failure_reason", ""), run.data.tags
+                assert "eval/linear_probe_accuracy" not in run.data.metrics
+                continue
+            assert run.info.status == "FINISHED", (v, run.info.status)
+            assert sorted(m.step for m in history) == list(range(1, epochs + 1)), (v, history)
+            assert len(client.get_metric_history(run.info.run_id, "val/loss")) == epochs
+            assert "eval/linear_probe_accuracy" in run.data.metrics
+        if failed:
+            assert parent.data.tags.get("failed") == "vae", parent.data.tags
