@@ -5,12 +5,17 @@ Imports ae_repr only (never prefect or mlflow); metrics go out through an option
 
 from __future__ import annotations
 
+from .applications import BASELINES_NAME
 from .baselines import write_baselines
 from .fewshot import fewshot_frozen
 from .finetune import fewshot_finetune, fewshot_scratch
 from .pipeline import (
+    SWEEP_NAME,
     TASKS,
     EvaluationFailed,
+    drop_stale,
+    evaluate_application_baselines,
+    evaluate_beta_sweep,
     evaluate_dir,
     evaluate_representation,
     representations_dir,
@@ -21,11 +26,16 @@ from .reduction import reduction
 from .results import RESULT_COLUMNS, RESULT_DTYPES, RESULT_SCHEMA
 
 __all__ = [
+    "BASELINES_NAME",
     "RESULT_COLUMNS",
     "RESULT_DTYPES",
     "RESULT_SCHEMA",
     "TASKS",
+    "SWEEP_NAME",
     "EvaluationFailed",
+    "drop_stale",
+    "evaluate_beta_sweep",
+    "evaluate_application_baselines",
     "evaluate_dir",
     "evaluate_representation",
     "fewshot_finetune",

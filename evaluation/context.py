@@ -46,10 +46,8 @@ class AppContext:
     factors: np.ndarray | None = None  # (N, F) ground-truth factor indices aligned with ff's rows (dsprites)
     factor_names: tuple[str, ...] = ()
     work_dir: Path | None = None  # where a task may keep reusable intermediate files (e.g. retrained models)
+    name: str = ""  # the representation's name in result rows; make_context sets the feature file's
 
-    @property
-    def name(self) -> str:
-        return self.ff.name
 
     @property
     def model(self) -> Autoencoder:
@@ -125,4 +123,5 @@ def make_context(
         factors=factors,
         factor_names=tuple(ds.factor_names),
         work_dir=work_dir,
+        name=ff.name,
     )

@@ -13,21 +13,35 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ae_repr.checkpoint import load_model
-from ae_repr.config import EvalConfig
+from ae_repr.config import EvalConfig, TrainConfig
 from ae_repr.errors import UserError
 from ae_repr.io import FeatureFile, write_table
 
+from .app_plots import application_plots
+from .applications import (
+    BASELINES_NAME,
+    PICTURES_SUFFIX,
+    application_baselines,
+    applications_for,
+    read_pictures,
+    write_pictures,
+)
 from .baselines import write_baselines
+from .context import TaskOutput, make_context
 from .fewshot import fewshot_frozen, usable_k
 from .finetune import fewshot_finetune, fewshot_scratch
 from .inputs import is_learned, label_problem, load_feature_dir, load_feature_file, model_dir
 from .plots import embed_2d, plot_fewshot, plot_latent_maps
 from .probe import knn, linear_probe
+from .rate_distortion import rate_distortion
 from .reduction import reduction
 from .report import representation_order, write_report
 from .results import concat_results, read_results, result_frame, write_results
@@ -37,6 +51,7 @@ logger = logging.getLogger(__name__)
 LogFn = Callable[[dict[str, float]], None]
 TASKS = ("linear_probe", "knn", "fewshot_frozen", "fewshot_finetune", "fewshot_scratch", "reduction")
 MAP_SUFFIX = ".map.parquet"
+SWEEP_NAME = "beta_sweep"  # the result file of `evaluate_beta_sweep`
 
 
 class EvaluationFailed(RuntimeError):
@@ -74,6 +89,7 @@ def evaluate_representation(
         if log is not None and len(frame):
             log(metric_dict(frame))
 
+    has_model = is_learned(ff) and _has_model(ff)
     problem = label_problem(ff)
     if problem:
         notes.append(f"{ff.name}: linear_probe, knn and few-shot tasks not run: {problem}.")
@@ -89,7 +105,7 @@ def evaluate_representation(
             )
         run("fewshot_frozen", lambda: fewshot_frozen(ff, cfg, seed=seed))
         if cfg.fewshot_finetune and is_learned(ff):
-            if _has_model(ff):
+            if has_model:
                 run("fewshot_finetune", lambda: fewshot_finetune(ff, cfg, seed=seed))
                 run("fewshot_scratch", lambda: fewshot_scratch(ff, cfg, seed=seed))
             else:
@@ -97,8 +113,64 @@ def evaluate_representation(
                     f"{ff.name}: fewshot_finetune/fewshot_scratch not run: no model directory ({ff.meta.get('model_dir', 'no model_dir')})."
                 )
     run("reduction", lambda: reduction(ff, cfg, seed=seed))
+    if cfg.applications and is_learned(ff) and not has_model:
+        notes.append(f"{ff.name}: anomaly, inpainting, generation, augmentation and rate_distortion need the model; not run.")
+    loaded = load_model(model_dir(ff)) if cfg.applications and has_model else None
+    train_cfg = TrainConfig.model_validate(loaded.meta.get("train_config", {})) if loaded else None
+    tasks = applications_for(
+        ff, cfg, loaded=loaded, train_cfg=train_cfg, seed=seed, work_dir=eval_dir.parent / "work" / ff.name
+    )
+    pictures = _run_applications(tasks, run, notes)
+    write_pictures(eval_dir / f"{ff.name}{PICTURES_SUFFIX}", pictures)
     _write_map(ff, cfg, eval_dir, seed)
     return write_results(eval_dir / f"{ff.name}.parquet", concat_results(frames), notes=notes)
+
+
+def _run_applications(
+    tasks: list[tuple[str, Callable[[], TaskOutput]]],
+    run: Callable[[str, Callable[[], pd.DataFrame]], None],
+    notes: list[str],
+) -> dict[str, np.ndarray]:
+    """Run application tasks through `run` (timing, logging, rows); collect their pictures and notes."""
+    pictures: dict[str, np.ndarray] = {}
+
+    def rows_of(thunk: Callable[[], TaskOutput]) -> pd.DataFrame:
+        out = thunk()
+        pictures.update(out.pictures)
+        notes.extend(out.notes)
+        return out.frame
+
+    for task, thunk in tasks:
+        run(task, partial(rows_of, thunk))
+    return pictures
+
+
+def evaluate_application_baselines(
+    feature_path: Path, cfg: EvalConfig, *, eval_dir: Path, seed: int = 0, log: LogFn | None = None
+) -> Path | None:
+    """The model-free references of the application tasks (PCA, IsolationForest, mean image, real data)
+    at the width of `feature_path`'s representation; writes `eval_dir/application_baselines.parquet`."""
+    ff = load_feature_file(feature_path)
+    eval_dir = Path(eval_dir)
+    path = eval_dir / f"{BASELINES_NAME}.parquet"
+    tasks = application_baselines(ff, cfg, k=len(ff.z_columns), seed=seed)
+    if not tasks:
+        path.unlink(missing_ok=True)
+        write_pictures(eval_dir / f"{BASELINES_NAME}{PICTURES_SUFFIX}", {})
+        return None
+    frames: list[pd.DataFrame] = []
+    notes: list[str] = []
+
+    def run(task: str, fn: Callable[[], pd.DataFrame]) -> None:
+        start = time.perf_counter()
+        frames.append(fn())
+        logger.info("baselines: %s done in %.2fs", task, time.perf_counter() - start)
+        if log is not None and len(frames[-1]):
+            log(metric_dict(frames[-1]))
+
+    pictures = _run_applications(tasks, run, notes)
+    write_pictures(eval_dir / f"{BASELINES_NAME}{PICTURES_SUFFIX}", pictures)
+    return write_results(path, concat_results(frames), notes=notes)
 
 
 def _has_model(ff: FeatureFile) -> bool:
@@ -126,6 +198,21 @@ def _write_map(ff: FeatureFile, cfg: EvalConfig, eval_dir: Path, seed: int) -> N
     )
 
 
+def evaluate_beta_sweep(
+    feature_path: Path, cfg: EvalConfig, model_dirs: dict[float, Path], *, eval_dir: Path, seed: int = 0
+) -> Path:
+    """Rate and distortion of beta_vae models trained at several betas, as representations
+    `beta_vae@beta=<b>` in `eval_dir/beta_sweep.parquet` (the rows and splits of `feature_path`)."""
+    ff = load_feature_file(feature_path)
+    frames, notes = [], []
+    for beta, mdir in sorted(model_dirs.items()):
+        ctx = replace(make_context(ff, cfg, loaded=load_model(mdir), seed=seed), name=f"beta_vae@beta={beta:g}")
+        out = rate_distortion(ctx)
+        frames.append(out.frame)
+        notes += out.notes
+    return write_results(Path(eval_dir) / f"{SWEEP_NAME}.parquet", concat_results(frames), notes=notes)
+
+
 def summarize(
     out: Path, cfg: EvalConfig, *, failures: dict[str, str] | None = None, eval_dir: Path | None = None
 ) -> Path:
@@ -139,16 +226,20 @@ def summarize(
         else []
     )
     frames, notes, maps = [], [], {}
+    names = []
     for p in paths:
         if p.stem in failures:  # a result file from an earlier run must not stand in for a failed one
             continue
+        names.append(p.stem)
         frame, file_notes = read_results(p)
         frames.append(frame)
         notes += file_notes
         map_path = eval_dir / f"{p.stem}{MAP_SUFFIX}"
         if map_path.is_file():
             maps[p.stem] = pd.read_parquet(map_path)
-    results = _sorted(concat_results(frames))
+    results = concat_results(frames)
+    # a failed representation has no rows, even where another file (the application baselines) scored it
+    results = _sorted(results[~results["representation"].isin(list(failures))])
     for task in sorted(set(TASKS) | set(results["task"])):
         task_path = out / "eval" / f"{task}.parquet"
         rows = results[results["task"] == task]
@@ -167,6 +258,10 @@ def summarize(
             (out / "plots" / name).unlink(missing_ok=True)
         else:
             plots.append(made)
+    pictures = read_pictures(
+        [eval_dir / f"{n}{PICTURES_SUFFIX}" for n in names if (eval_dir / f"{n}{PICTURES_SUFFIX}").is_file()]
+    )
+    plots += application_plots(pictures, results, out / "plots")
     write_report(out / "report.md", results, cfg, plots=plots, notes=_grouped(notes), failures=failures)
     logger.info("summary: %d rows from %d representations -> %s", len(results), len(frames), summary)
     return summary
@@ -210,10 +305,7 @@ def evaluate_dir(
         if mdir is not None and mdir.is_dir():
             load_model(mdir)
     eval_dir = representations_dir(out)
-    names = {ff.name for ff in files}
-    for stale in eval_dir.glob("*.parquet") if eval_dir.is_dir() else ():
-        if stale.name.removesuffix(MAP_SUFFIX).removesuffix(".parquet") not in names:
-            stale.unlink()
+    drop_stale(eval_dir, {ff.name for ff in files} | {BASELINES_NAME, SWEEP_NAME})
     failures: dict[str, str] = {}
     start = time.perf_counter()
     for ff in files:
@@ -226,6 +318,15 @@ def evaluate_dir(
         except Exception as e:  # one broken representation must not hide the others' results
             logger.exception("%s: evaluation failed", ff.name)
             failures[ff.name] = f"{type(e).__name__}: {e}"
+    learned = [ff for ff in files if is_learned(ff)]
+    if learned:
+        try:
+            evaluate_application_baselines(learned[0].path, cfg, eval_dir=eval_dir, seed=seed)
+        except UserError:
+            raise
+        except Exception as e:
+            logger.exception("application baselines failed")
+            failures[BASELINES_NAME] = f"{type(e).__name__}: {e}"
     summary = summarize(out, cfg, failures=failures, eval_dir=eval_dir)
     logger.info("evaluated %d representations in %.1fs", len(files), time.perf_counter() - start)
     if failures:
@@ -233,6 +334,13 @@ def evaluate_dir(
             f"evaluation failed for {', '.join(sorted(failures))} (see {out / 'report.md'})"
         )
     return summary
+
+
+def drop_stale(eval_dir: Path, keep: set[str]) -> None:
+    """Remove per-representation files (results, maps, pictures) of representations not in `keep`."""
+    for path in eval_dir.glob("*.*") if eval_dir.is_dir() else ():
+        if path.is_file() and path.name.split(".", 1)[0] not in keep:
+            path.unlink()
 
 
 def _prefixed(log: LogFn, name: str) -> LogFn:

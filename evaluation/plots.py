@@ -63,7 +63,8 @@ def embed_2d(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFrame
     )
 
 
-def _save(fig: Figure, path: str | os.PathLike[str], dpi: int = _DPI) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = _DPI) -> Path:
+    """Render a Figure on the Agg canvas (no pyplot: thread-safe) and write the PNG atomically."""
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
@@ -97,7 +98,7 @@ def plot_latent_maps(maps: dict[str, pd.DataFrame], path: str | os.PathLike[str]
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    return _save(fig, path, dpi=80)  # many panels: keep the file small
+    return save_figure(fig, path, dpi=80)  # many panels: keep the file small
 
 
 def plot_fewshot(results: pd.DataFrame, path: str | os.PathLike[str]) -> Path | None:
@@ -143,4 +144,4 @@ def plot_fewshot(results: pd.DataFrame, path: str | os.PathLike[str]) -> Path | 
                 labels.append(lab)
     fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
-    return _save(fig, path)
+    return save_figure(fig, path)

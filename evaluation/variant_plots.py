@@ -15,24 +15,18 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ae_repr.checkpoint import LoadedModel, load_model
-from ae_repr.io import atomic_path, read_features, read_json
+from ae_repr.io import read_features, read_json
+
+from .plots import save_figure
 
 log = logging.getLogger(__name__)
 
 HISTORY = "history.json"
 _DPI = 80
 _MAP_ROWS = 2000  # points in the latent map: enough to see structure, cheap to draw
-
-
-def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=_DPI)
-    return Path(path)
 
 
 def plot_loss_curves(
@@ -64,10 +58,10 @@ def plot_loss_curves(
     fig.axes[0].legend(fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=_DPI)
 
 
-def _as_images(x: np.ndarray) -> np.ndarray:
+def as_images(x: np.ndarray) -> np.ndarray:
     """Rows as displayable images: (N, H, W) or (N, H, W, 3); a flat row becomes a 1 x D strip."""
     if x.ndim == 4:  # (N, C, H, W)
         return x[:, 0] if x.shape[1] != 3 else np.transpose(x, (0, 2, 3, 1))
@@ -83,7 +77,7 @@ def _mosaic(imgs: np.ndarray, pad: int = 1) -> np.ndarray:
     return out
 
 
-def _grid(rows: list[tuple[str, np.ndarray]], path: str | os.PathLike[str], title: str) -> Path:
+def image_grid(rows: list[tuple[str, np.ndarray]], path: str | os.PathLike[str], title: str) -> Path:
     """Images in labelled rows on one shared intensity range, drawn as one mosaic per row (cheap to render)."""
     lo = min(float(np.nanmin(imgs)) for _, imgs in rows)
     hi = max(float(np.nanmax(imgs)) for _, imgs in rows)
@@ -104,7 +98,7 @@ def _grid(rows: list[tuple[str, np.ndarray]], path: str | os.PathLike[str], titl
         ax.set_yticks([])
         ax.set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=_DPI)
 
 
 @torch.inference_mode()
@@ -115,8 +109,8 @@ def plot_reconstructions(
     x = loaded.normalizer.numpy(np.asarray(x_raw[:n]))
     xt = torch.from_numpy(x).reshape(-1, *loaded.model.input_shape)  # (B, *input_shape)
     recon = loaded.model.reconstruct(xt).float().numpy().reshape(x.shape)
-    return _grid(
-        [("input", _as_images(x)), ("recon", _as_images(recon))], path, f"{loaded.variant}: reconstructions"
+    return image_grid(
+        [("input", as_images(x)), ("recon", as_images(recon))], path, f"{loaded.variant}: reconstructions"
     )
 
 
@@ -130,10 +124,10 @@ def plot_prior_samples(
         samples = loaded.model.sample(n, generator=gen).float().numpy()
     except NotImplementedError:
         return None
-    imgs = _as_images(samples)
+    imgs = as_images(samples)
     per_row = 8
     rows = [("samples", imgs[i : i + per_row]) for i in range(0, len(imgs), per_row)]
-    return _grid(rows, path, f"{loaded.variant}: samples from the prior")
+    return image_grid(rows, path, f"{loaded.variant}: samples from the prior")
 
 
 def plot_latent_map(
@@ -174,7 +168,7 @@ def plot_latent_map(
     ax.set_ylabel(axes[1], fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_title(title or "latent map", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=_DPI)
 
 
 def variant_plots(

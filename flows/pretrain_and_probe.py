@@ -33,7 +33,17 @@ from ae_repr.data import Dataset, load_dataset
 from ae_repr.features import extract_features
 from ae_repr.io import read_json, sha256_file, write_json
 from ae_repr.train import train_variant
-from evaluation import evaluate_representation, representations_dir, summarize, write_baselines
+from evaluation import (
+    BASELINES_NAME,
+    SWEEP_NAME,
+    drop_stale,
+    evaluate_application_baselines,
+    evaluate_beta_sweep,
+    evaluate_representation,
+    representations_dir,
+    summarize,
+    write_baselines,
+)
 
 from .tracking import Tracker, display_uri, tracking_uri
 
@@ -148,9 +158,10 @@ def _key(parts: dict[str, Any]) -> str:
 
 
 def _train_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
-    """Cache key of a training task: the variant's identity and the run folder."""
+    """Cache key of a training task: the variant's identity, the run folder and the model folder's name."""
     cfg: ExperimentConfig = params["cfg"]
-    return _key({"task": "train", "out": str(Path(params["out"]).resolve()), **_identity(cfg, params["variant"])})
+    return _key({"task": "train", "out": str(Path(params["out"]).resolve()), "name": params.get("name"),
+                 **_identity(cfg, params["variant"])})
 
 
 def _extract_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
@@ -182,11 +193,12 @@ def prepare_data(cfg: ExperimentConfig, out: str) -> dict[str, Any]:
 
 
 @task(name="train", tags=["gpu"], persist_result=True, cache_key_fn=_train_key, task_run_name="train-{variant}")
-def train_task(variant: str, cfg: ExperimentConfig, out: str, run_id: str | None = None) -> str:
-    """Train one variant; returns its model folder."""
+def train_task(variant: str, cfg: ExperimentConfig, out: str, run_id: str | None = None,
+               name: str | None = None) -> str:
+    """Train one variant into `models/<name or variant>`; returns its model folder."""
     tracker = Tracker.current()
     with CLOCK.phase("training"):
-        res = train_variant(variant, data_for(cfg), cfg, Path(out) / "models" / variant,
+        res = train_variant(variant, data_for(cfg), cfg, Path(out) / "models" / (name or variant),
                             log_fn=CLOCK.wrap("tracking", tracker.metric_logger(run_id)), progress=False)
     if res.skipped:
         get_run_logger().info("%s: already trained for this config, skipped", variant)
@@ -222,20 +234,31 @@ def evaluate_task(name: str, feature_path: str, cfg: ExperimentConfig, out: str,
     return str(path)
 
 
+@task(name="application-baselines", persist_result=True, cache_key_fn=_evaluate_key,
+      task_run_name="evaluate-{name}")
+def application_baselines_task(name: str, feature_path: str, cfg: ExperimentConfig, out: str) -> str | None:
+    """The model-free references of the application tasks (PCA, IsolationForest, mean image, real data)."""
+    with CLOCK.phase("evaluation"):
+        path = evaluate_application_baselines(Path(feature_path), cfg.eval, eval_dir=representations_dir(Path(out)),
+                                              seed=cfg.seed)
+    return None if path is None else str(path)
+
+
+@task(name="beta-sweep")
+def beta_sweep_task(cfg: ExperimentConfig, out: str, feature_path: str, model_dirs: dict[float, str]) -> str:
+    """Rate and distortion of the beta sweep's models."""
+    with CLOCK.phase("evaluation"):
+        return str(evaluate_beta_sweep(Path(feature_path), cfg.eval, {b: Path(p) for b, p in model_dirs.items()},
+                                       eval_dir=representations_dir(Path(out)), seed=cfg.seed))
+
+
 @task(name="summarize", retries=2, retry_delay_seconds=[1, 5])
 def summarize_task(cfg: ExperimentConfig, out: str, names: list[str], failures: dict[str, str]) -> str:
     """summary.parquet, eval/<task>.parquet, report.md and plots over this run's representations."""
     with CLOCK.phase("evaluation"):
-        _drop_stale_results(Path(out), set(names) | set(failures))
+        # results of representations this run did not ask for (an earlier run's) must not reach the summary
+        drop_stale(representations_dir(Path(out)), set(names) | set(failures))
         return str(summarize(Path(out), cfg.eval, failures=failures))
-
-
-def _drop_stale_results(out: Path, keep: set[str]) -> None:
-    """Remove per-representation results of representations this run did not ask for (an earlier run's)."""
-    folder = representations_dir(out)
-    for path in folder.glob("*.parquet") if folder.is_dir() else ():
-        if path.name.split(".", 1)[0] not in keep:
-            path.unlink(missing_ok=True)
 
 
 def resolve_config(config: ExperimentConfig | str | dict | None, **overrides: Any) -> ExperimentConfig:
@@ -278,6 +301,8 @@ def pretrain_and_probe(
     trained = {v: train_task.with_options(timeout_seconds=cfg.train.timeout_s,
                                           refresh_cache=not (out_dir / "models" / v / WEIGHTS).is_file())
                .submit(v, cfg, str(out_dir), runs[v]) for v in cfg.models.variants}
+    sweep = {b: train_task.submit("beta_vae", cfg.with_beta(b), str(out_dir), None, f"beta_sweep/beta_{b:g}")
+             for b in beta_sweep(cfg)}
     extracted = {v: extract_task.with_options(refresh_cache=not (out_dir / "features" / f"{v}.parquet").is_file())
                  .submit(v, cfg, str(out_dir), trained[v], runs[v]) for v in cfg.models.variants}
     evaluated: dict[str, PrefectFuture] = {}
@@ -298,6 +323,13 @@ def pretrain_and_probe(
         for path in baselines:
             name = Path(path).stem
             evaluated[name] = _evaluate(name, path, cfg, out_dir, None)
+        if cfg.eval.applications:
+            missing = not (representations_dir(out_dir) / f"{BASELINES_NAME}.parquet").is_file()
+            evaluated[BASELINES_NAME] = application_baselines_task.with_options(refresh_cache=missing).submit(
+                BASELINES_NAME, learned[0], cfg, str(out_dir))
+        if sweep:
+            evaluated[SWEEP_NAME] = beta_sweep_task.submit(cfg, str(out_dir), learned[0],
+                                                           dict(sweep))
     for name, fut in evaluated.items():
         fut.wait()
         if not fut.state.is_completed():
@@ -320,6 +352,11 @@ def pretrain_and_probe(
     if failures:
         return Failed(message="failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
     return Completed(message=str(summary), data=str(summary))
+
+
+def beta_sweep(cfg: ExperimentConfig) -> tuple[float, ...]:
+    """The betas of the rate-distortion sweep, when the sweep applies (rate_distortion on, betas given)."""
+    return cfg.eval.rd_betas if "rate_distortion" in cfg.eval.applications else ()
 
 
 def _evaluate(name: str, feature_path: str, cfg: ExperimentConfig, out_dir: Path, run_id: str | None) -> PrefectFuture:

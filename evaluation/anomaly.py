@@ -1,0 +1,166 @@
+"""One-class anomaly detection (task `anomaly`): how well a model trained only on normal data flags the rest.
+
+Protocol (the held-out-class setup of Akcay et al. 2018, "GANomaly: Semi-Supervised Anomaly Detection
+via Adversarial Training"): the anomaly classes are `EvalConfig.anomaly_classes`, or the largest label
+when that is None; every other class is normal. The detector is fitted on the train rows of the normal classes only; every test row
+is scored, and the test rows of the anomaly classes are the positives. Metrics: `auroc`
+(`roc_auc_score`) and `auprc` (`average_precision_score`), higher score = more anomalous.
+
+A learned variant's pretrained model has seen every class, so it is retrained from scratch on the
+normal train rows with its own variant, model config, training config (epochs:
+`EvalConfig.anomaly_epochs`, else the training config's) and seed, into `<work_dir>/anomaly_model`
+(reused when a finished model with the same training key is there). Its score, in the retrained
+model's normalized space: deterministic autoencoders the squared reconstruction error summed over
+inputs; Gaussian-latent variants the negative ELBO (mean of -log w over `ELBO_DRAWS` posterior draws);
+vq_vae the quantization error. The model-free baselines are PCA (k components, squared
+reconstruction error) and scikit-learn's IsolationForest (score = -score_samples).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+from sklearn.ensemble import IsolationForest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from ae_repr.checkpoint import LoadedModel, load_model
+from ae_repr.config import ExperimentConfig, ModelsConfig
+from ae_repr.data.dataset import make_dataset
+from ae_repr.models import Autoencoder
+from ae_repr.train import train_variant
+
+from .context import AppContext, Family, TaskOutput
+from .inputs import single_thread
+from .results import result_frame, result_row
+
+log = logging.getLogger(__name__)
+
+ELBO_DRAWS = 10  # posterior draws averaged into the negative-ELBO score
+_BATCH = 512  # rows per forward pass when scoring
+_SCORE_NAMES = {
+    "deterministic": "reconstruction squared error",
+    "gaussian": f"negative ELBO ({ELBO_DRAWS} posterior draws)",
+    "vq": "quantization error",
+}
+
+
+def one_class_split(ctx: AppContext) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]] | str:
+    """(normal train rows, test rows, test truth 0/1, anomaly classes), or why the protocol cannot apply."""
+    y = ctx.labels
+    if y is None:
+        return "the feature file has no labels"
+    classes = np.unique(y)
+    if len(classes) < 2:
+        return f"{len(classes)} class(es); one-class detection needs at least 2"
+    anomalous = tuple(ctx.cfg.anomaly_classes) if ctx.cfg.anomaly_classes is not None else (int(classes.max()),)
+    is_anomaly = np.isin(y, anomalous)
+    train, test = ctx.rows("train"), ctx.rows("test")
+    normal_train = train[~is_anomaly[train]]
+    truth = is_anomaly[test].astype(np.float32)
+    if len(normal_train) == 0:
+        return f"no normal train rows (anomaly classes {list(anomalous)})"
+    if truth.min() == truth.max():
+        return f"the test split needs both normal and anomalous rows (anomaly classes {list(anomalous)})"
+    return normal_train, test, truth, anomalous
+
+
+def anomaly(ctx: AppContext) -> TaskOutput:
+    """AUROC and AUPRC of the variant retrained on the normal classes, scoring every test row."""
+    split = one_class_split(ctx)
+    if isinstance(split, str):
+        return TaskOutput(notes=(f"{ctx.name}: anomaly not run: {split}.",))
+    normal_train, test, truth, anomalous = split
+    epochs = ctx.cfg.anomaly_epochs or ctx.train_cfg.epochs
+    work = contextlib.nullcontext(ctx.work_dir) if ctx.work_dir is not None else tempfile.TemporaryDirectory()
+    with work as directory:
+        loaded = retrain_on_normal(ctx, normal_train, test, Path(directory) / "anomaly_model", epochs)
+        x = loaded.normalizer.torch(torch.from_numpy(np.ascontiguousarray(ctx.x_raw[test])))
+        scores = model_scores(loaded.model, x, ctx.family, seed=ctx.seed)
+    note = (
+        f"{ctx.name}: anomaly classes {list(anomalous)}; score: {_SCORE_NAMES[ctx.family]} of the "
+        f"{ctx.loaded.variant} retrained on the normal classes ({loaded.meta.get('epochs_run', epochs)} "
+        f"of {epochs} epochs)."
+    )
+    return _output({ctx.name: scores}, truth, (note,))
+
+
+def anomaly_baselines(ctx: AppContext, k: int) -> TaskOutput:
+    """AUROC and AUPRC of PCA (k components) and IsolationForest fitted on the normal train rows."""
+    split = one_class_split(ctx)
+    if isinstance(split, str):
+        return TaskOutput(notes=(f"anomaly baselines not run: {split}.",))
+    normal_train, test, truth, anomalous = split
+    x_train, x_test = ctx.flat(normal_train), ctx.flat(test)
+    n_components = min(k, *x_train.shape)
+    with single_thread():
+        pca = PCA(n_components=n_components, random_state=ctx.seed).fit(x_train)
+        forest = IsolationForest(random_state=ctx.seed).fit(x_train)
+        pca_scores = ((x_test - pca.inverse_transform(pca.transform(x_test))) ** 2).sum(axis=1)
+        forest_scores = -forest.score_samples(x_test)
+    note = (
+        f"anomaly baselines: anomaly classes {list(anomalous)}; pca: squared reconstruction error with "
+        f"{n_components} components; isolation_forest: -score_samples, {forest.n_estimators} trees."
+    )
+    return _output({"pca": pca_scores, "isolation_forest": forest_scores}, truth, (note,))
+
+
+def retrain_on_normal(
+    ctx: AppContext, normal_train: np.ndarray, test: np.ndarray, model_dir: Path, epochs: int
+) -> LoadedModel:
+    """Train the context's variant from scratch on the normal train rows (test rows kept as "test")."""
+    variant, model_cfg = ctx.loaded.variant, ctx.model.cfg
+    shared = {"latent_dim", "backbone"}  # ModelsConfig's own fields; the rest go in as the variant's overrides
+    models = ModelsConfig(
+        variants=(variant,),
+        latent_dim=model_cfg.latent_dim,
+        backbone=model_cfg.backbone,
+        overrides={variant: model_cfg.model_dump(mode="json", exclude=shared)},
+    )
+    cfg = ExperimentConfig(
+        models=models, train=ctx.train_cfg.model_copy(update={"epochs": epochs}), seed=ctx.seed
+    )
+    assert models.model_config_for(variant) == model_cfg, f"{variant}: model config did not round-trip"
+    rows = np.sort(np.concatenate([normal_train, test]))
+    data = make_dataset(
+        f"{ctx.ff.meta.get('dataset', ctx.name)}:normal-classes",
+        ctx.x_raw[rows],
+        np.where(np.isin(rows, test), "test", "train"),
+        labels=ctx.labels[rows],
+        sample_id=ctx.ff.frame["sample_id"].to_numpy()[rows],
+    )
+    result = train_variant(variant, data, cfg, model_dir, progress=False)
+    log.info("%s: anomaly model %s in %s", ctx.name, "reused" if result.skipped else "trained", model_dir)
+    return load_model(model_dir)
+
+
+@torch.inference_mode()
+def model_scores(model: Autoencoder, x: torch.Tensor, family: Family, *, seed: int = 0) -> np.ndarray:
+    """Anomaly score per row of normalized inputs `x` (higher = more anomalous), float64 (n,)."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    out = []
+    for xb in x.split(_BATCH):
+        if family == "gaussian":
+            s = -torch.stack([model.log_weight(xb, generator) for _ in range(ELBO_DRAWS)]).mean(0)
+        elif family == "vq":
+            s = model.quantization_error(xb)
+        else:
+            s = (model.reconstruct(xb) - xb).pow(2).flatten(1).sum(1)  # (B, *shape) -> (B,)
+        out.append(s.double().cpu())
+    return torch.cat(out).numpy()
+
+
+def _output(scores: dict[str, np.ndarray], truth: np.ndarray, notes: tuple[str, ...]) -> TaskOutput:
+    """Rows and pictures for each representation's test scores against the same truth."""
+    rows, pictures = [], {}
+    for name, s in scores.items():
+        rows.append(result_row(name, "anomaly", "auroc", roc_auc_score(truth, s)))
+        rows.append(result_row(name, "anomaly", "auprc", average_precision_score(truth, s)))
+        pictures[f"{name}/anomaly_scores"] = np.asarray(s, dtype=np.float32)
+        pictures[f"{name}/anomaly_truth"] = truth
+    return TaskOutput(frame=result_frame(rows), pictures=pictures, notes=notes)

@@ -1,0 +1,210 @@
+"""Run-level pictures of the application tasks, drawn from the picture arrays the tasks saved and the
+result rows: reconstructions, prior samples, interpolations, inpainting, traversals, augmentation
+examples, the rate-distortion plane, per-dimension KL, anomaly ROC curves, DCI importance matrices.
+
+Picture keys are `<representation>/<name>`; every function returns None when there is nothing to draw.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from .plots import save_figure
+from .report import representation_order
+from .variant_plots import as_images, image_grid
+
+Pictures = dict[str, np.ndarray]
+_DPI = 80
+
+
+def by_name(pictures: Pictures, what: str) -> dict[str, np.ndarray]:
+    """{representation: array} of one picture kind, in report order."""
+    found = {k.rsplit("/", 1)[0]: v for k, v in pictures.items() if k.rsplit("/", 1)[-1] == what}
+    return {n: found[n] for n in representation_order(list(found))}
+
+
+def _rows(named: dict[str, np.ndarray], n: int | None = None) -> list[tuple[str, np.ndarray]]:
+    return [(name, as_images(imgs[:n])) for name, imgs in named.items() if len(imgs)]
+
+
+def plot_reconstructions(pictures: Pictures, path: Path) -> Path | None:
+    """Test inputs (top) and every variant's reconstruction of them."""
+    recon = _rows(by_name(pictures, "reconstructions"))
+    if not recon or "inputs/originals" not in pictures:
+        return None
+    return image_grid([("input", as_images(pictures["inputs/originals"])), *recon], path, "reconstructions")
+
+
+def plot_samples(pictures: Pictures, path: Path) -> Path | None:
+    """Samples from each variant's prior (fitted priors for ae, dae and vq_vae)."""
+    rows = _rows(by_name(pictures, "samples"), 12)
+    return image_grid(rows, path, "samples from the prior") if rows else None
+
+
+def plot_interpolations(pictures: Pictures, path: Path) -> Path | None:
+    """Decoded interpolations between two test pairs per variant (spherical for Gaussian latents)."""
+    rows = []
+    for name, grid in by_name(pictures, "interpolations").items():  # (pairs, steps, *shape)
+        rows += [(f"{name} #{i + 1}", as_images(pair)) for i, pair in enumerate(grid[:2])]
+    return image_grid(rows, path, "interpolations between test pairs") if rows else None
+
+
+def plot_inpainting(pictures: Pictures, path: Path) -> Path | None:
+    """Per mask kind: the original, the observed part (hidden pixels white), and every method's fill."""
+    original = pictures.get("inputs/inpaint_original")
+    if original is None:
+        return None
+    n = min(len(original), 6)
+    rows: list[tuple[str, np.ndarray]] = []
+    kinds = sorted(k.removeprefix("inputs/inpaint_mask_") for k in pictures if k.startswith("inputs/inpaint_mask_"))
+    for kind in kinds:
+        mask = pictures[f"inputs/inpaint_mask_{kind}"][:n]
+        fills = _rows(by_name(pictures, f"inpaint_fill_{kind}"), n)
+        if not fills:
+            continue
+        rows += [("original", as_images(original[:n])), (f"{kind} mask", as_images(np.where(mask > 0, original[:n], np.nan)))]
+        rows += [(f"{name}", imgs) for name, imgs in fills]
+    return image_grid(rows, path, "inpainting (" + ", ".join(kinds) + " masks)") if rows else None
+
+
+def plot_traversals(pictures: Pictures, out_dir: Path) -> list[Path]:
+    """One grid per variant: each row moves one latent dimension across its range, the rest fixed."""
+    made = []
+    dims = by_name(pictures, "traversal_dims")
+    for name, grid in by_name(pictures, "traversals").items():  # (dims, steps, *shape)
+        if not len(grid):
+            continue
+        labels = dims.get(name, np.arange(len(grid)))
+        rows = [(f"z_{int(d):03d}", as_images(g)) for d, g in zip(labels, grid, strict=False)]
+        made.append(image_grid(rows, out_dir / f"traversals_{name}.png", f"{name}: latent traversals"))
+    return made
+
+
+def plot_augmentation(pictures: Pictures, path: Path) -> Path | None:
+    """Per variant: a labelled example followed by the neighbours decoded from perturbed latents."""
+    rows = []
+    for name, grid in by_name(pictures, "augment_examples").items():  # (shots, 1 + neighbours, *shape)
+        rows += [(f"{name} #{i + 1}", as_images(g)) for i, g in enumerate(grid[:2])]
+    return image_grid(rows, path, "augmentation: example, then generated neighbours") if rows else None
+
+
+def plot_rate_distortion(results: pd.DataFrame, path: Path) -> Path | None:
+    """Rate (KL, nats) against distortion (reconstruction NLL) per VAE-family model; a beta sweep as a curve."""
+    rd = results[results["task"] == "rate_distortion"].pivot_table(
+        index="representation", columns="metric", values="value", aggfunc="first"
+    )
+    if rd.empty or not {"rate", "distortion"} <= set(rd.columns):
+        return None
+    fig = Figure(figsize=(4.6, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    sweep = rd[rd.index.str.contains("@beta=")].sort_values("rate")
+    if len(sweep):
+        ax.plot(sweep["rate"], sweep["distortion"], "-o", color="0.5", ms=3, lw=1, label="beta_vae sweep")
+        for name, r in sweep.iterrows():
+            ax.annotate(str(name).split("@", 1)[1], (r["rate"], r["distortion"]), fontsize=6, color="0.4",
+                        xytext=(3, 3), textcoords="offset points")
+    for i, (name, r) in enumerate(rd.drop(index=sweep.index).iterrows()):
+        ax.plot(r["rate"], r["distortion"], "o", color=f"C{i % 10}", ms=6, label=name)
+    ax.set_xlabel("rate: KL(q(z|x) || p(z)) [nats]", fontsize=8)
+    ax.set_ylabel("distortion: reconstruction NLL [nats]", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, frameon=False)
+    ax.set_title("rate-distortion (test split)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=_DPI)
+
+
+def plot_kl_per_dim(pictures: Pictures, path: Path) -> Path | None:
+    """Mean KL per latent dimension (sorted), one panel per VAE-family model: how many units carry information."""
+    kls = by_name(pictures, "kl_per_dim")
+    if not kls:
+        return None
+    fig = Figure(figsize=(3.2 * len(kls), 2.6))
+    for i, (name, kl) in enumerate(kls.items()):
+        ax = fig.add_subplot(1, len(kls), i + 1)
+        order = np.argsort(-kl)
+        ax.bar(np.arange(len(kl)), kl[order], color=f"C{i % 10}")
+        ax.set_xticks(np.arange(len(kl)), [str(j) for j in order], fontsize=5)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("latent dimension (sorted)", fontsize=7)
+        ax.tick_params(labelsize=6)
+        if i == 0:
+            ax.set_ylabel("mean KL [nats]", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=_DPI)
+
+
+def plot_anomaly_roc(pictures: Pictures, path: Path) -> Path | None:
+    """ROC curves of every anomaly score under the one-class protocol."""
+    scores, truth = by_name(pictures, "anomaly_scores"), by_name(pictures, "anomaly_truth")
+    names = [n for n in scores if n in truth and 0 < truth[n].sum() < len(truth[n])]
+    if not names:
+        return None
+    fig = Figure(figsize=(4.6, 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    for i, name in enumerate(names):
+        fpr, tpr, _ = roc_curve(truth[name], scores[name])
+        auc = roc_auc_score(truth[name], scores[name])
+        ax.plot(fpr, tpr, lw=1.2, color=f"C{i % 10}", label=f"{name} ({auc:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="0.6", lw=1)
+    ax.set_xlabel("false positive rate", fontsize=8)
+    ax.set_ylabel("true positive rate", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6, frameon=False, title="AUROC", title_fontsize=7, loc="lower right")
+    ax.set_title("anomaly detection (held-out classes)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=_DPI)
+
+
+def plot_dci_importance(pictures: Pictures, path: Path) -> Path | None:
+    """The DCI importance matrix (latent dimension x factor) of each representation."""
+    mats = by_name(pictures, "dci_importance")
+    if not mats:
+        return None
+    factor_names = [str(f) for f in pictures.get("inputs/factor_names", [])]
+    cols = min(4, len(mats))
+    rows = math.ceil(len(mats) / cols)
+    fig = Figure(figsize=(2.6 * cols, 3.2 * rows))
+    for i, (name, m) in enumerate(mats.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xticks(np.arange(m.shape[1]), factor_names[: m.shape[1]] or None, fontsize=6, rotation=45)
+        ax.set_ylabel("latent dimension", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.set_title(name, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=_DPI)
+
+
+def application_plots(pictures: Pictures, results: pd.DataFrame, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Every application figure there is data for, written to `out_dir`; stale ones are removed."""
+    out_dir = Path(out_dir)
+    single: list[tuple[str, Callable[[Path], Path | None]]] = [
+        ("reconstructions.png", lambda p: plot_reconstructions(pictures, p)),
+        ("prior_samples.png", lambda p: plot_samples(pictures, p)),
+        ("interpolations.png", lambda p: plot_interpolations(pictures, p)),
+        ("inpainting.png", lambda p: plot_inpainting(pictures, p)),
+        ("augmentation.png", lambda p: plot_augmentation(pictures, p)),
+        ("rate_distortion.png", lambda p: plot_rate_distortion(results, p)),
+        ("kl_per_dim.png", lambda p: plot_kl_per_dim(pictures, p)),
+        ("anomaly_roc.png", lambda p: plot_anomaly_roc(pictures, p)),
+        ("dci_importance.png", lambda p: plot_dci_importance(pictures, p)),
+    ]
+    made: list[Path] = []
+    for name, draw in single:
+        path = draw(out_dir / name)
+        if path is None:
+            (out_dir / name).unlink(missing_ok=True)
+        else:
+            made.append(path)
+    for stale in out_dir.glob("traversals_*.png"):
+        stale.unlink()
+    return made + plot_traversals(pictures, out_dir)

@@ -1,0 +1,312 @@
+"""Generation from a trained model: an importance-sampled likelihood, prior samples, interpolations,
+latent traversals and a classifier-based proxy of sample quality (task `generation`).
+
+`nll_is` estimates -log p(x) with S draws from the posterior, -log (1/S sum_s p(x, z_s) / q(z_s|x))
+(Burda et al. 2016, "Importance Weighted Autoencoders"), in nats per example in the model's normalized
+data space; `elbo` is the mean log weight of the same draws, so the gap to the bound shows. Gaussian
+family only, on at most `nll_max_rows` test rows chosen by sample_id with the evaluation seed,
+`nll_samples` draws each.
+
+Prior samples: vae, beta_vae and hier_vae draw from their own prior. vq_vae has none of its own and gets
+the simplest fitted one, an independent categorical per position with the train rows' code
+frequencies (van den Oord et al. 2017 fit a PixelCNN over the code grid instead). ae and dae get a
+full-covariance Gaussian fitted to the train rows' codes (ex-post density estimation, Ghosh et al.
+2020, "From Variational to Deterministic Autoencoders").
+
+Sample quality, when the data has labels: a logistic regression on the real train rows' pixels scores
+`generation_samples` prior samples by the mean max-class probability (`sample_confidence`), the mean
+predictive entropy (`sample_entropy`), the entropy of the mean predicted class distribution
+(`class_entropy`, diversity) and exp E KL(p(y|x) || p(y)) (`classifier_score`, the inception score of
+Salimans et al. 2016 with this classifier in place of Inception). `generation_reference` scores the real
+test rows the same way as representation `real_data`.
+
+Pictures: 16 prior samples; decoded interpolations between fixed test pairs of different labels,
+spherical for Gaussian latents (White 2016, "Sampling Generative Networks"), linear otherwise and
+re-quantized for vq_vae; traversals of single latent dimensions from one test example's code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from ae_repr.models import Autoencoder
+from ae_repr.models.hier_vae import HierVAE
+from ae_repr.models.vae import VAE
+from ae_repr.models.vq_vae import VQVAE
+
+from .context import AppContext, TaskOutput
+from .inputs import label_problem, single_thread, subsample
+from .rate_distortion import kl_per_dim
+from .results import result_frame, result_row
+
+log = logging.getLogger(__name__)
+
+TASK = "generation"
+SHOWN = 16  # prior samples kept as a picture
+ROW_BATCH = 64  # rows per importance-sampling pass: with `chunk` draws each, memory stays bounded
+ENCODE_BATCH = 1024
+
+
+def _device(model: Autoencoder) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _generator(ctx: AppContext) -> torch.Generator:
+    """A fresh generator on the model's device, seeded with the evaluation seed."""
+    return torch.Generator(_device(ctx.model)).manual_seed(ctx.seed)
+
+
+def _map_rows(ctx: AppContext, rows: np.ndarray, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`fn` over the model inputs of `rows` in batches, concatenated along the first dimension."""
+    device = _device(ctx.model)
+    return torch.cat(
+        [fn(ctx.inputs(rows[i : i + ENCODE_BATCH]).to(device)) for i in range(0, len(rows), ENCODE_BATCH)]
+    )
+
+
+# --- likelihood --------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def log_weights(
+    model: VAE | HierVAE, x: torch.Tensor, n_samples: int, *, generator: torch.Generator, chunk: int = 32
+) -> torch.Tensor:
+    """log p(x, z_s) - log q(z_s|x) for `n_samples` posterior draws per row, (S, B), `chunk` draws per pass."""
+    out = []
+    for start in range(0, n_samples, chunk):
+        s = min(chunk, n_samples - start)
+        xs = x.repeat(s, *([1] * (x.dim() - 1)))  # (s * B, *shape), draw-major
+        out.append(model.log_weight(xs, generator).reshape(s, len(x)))  # (s * B,) -> (s, B)
+    return torch.cat(out)
+
+
+def _nll(log_w: torch.Tensor) -> torch.Tensor:
+    """-(logsumexp_s log_w - log S) per row of (S, B) log weights, (B,) in their dtype."""
+    return (math.log(log_w.shape[0]) - torch.logsumexp(log_w.double(), dim=0)).to(log_w.dtype)
+
+
+def nll_is(
+    model: VAE | HierVAE, x: torch.Tensor, n_samples: int, *, generator: torch.Generator, chunk: int = 32
+) -> torch.Tensor:
+    """Importance-sampled negative log-likelihood per row, nats, (B,) (Burda et al. 2016)."""
+    return _nll(log_weights(model, x, n_samples, generator=generator, chunk=chunk))
+
+
+# --- priors, interpolations, traversals --------------------------------------------------------
+
+
+def _code_frequencies(ctx: AppContext) -> torch.Tensor:
+    """Per-position frequencies of every code over the train rows, (positions, codebook_size)."""
+    model = ctx.model
+    assert isinstance(model, VQVAE)
+    idx = _map_rows(ctx, ctx.rows("train"), model.code_indices)  # (N, P)
+    onehot = F.one_hot(idx, model.cfg.codebook_size).double()  # (N, P, K)
+    return onehot.mean(0)
+
+
+def _code_gaussian(ctx: AppContext) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and a square root A (A A^T = covariance) of the train rows' codes."""
+    z = ctx.ff.z[ctx.rows("train")].astype(np.float64)
+    w, v = np.linalg.eigh(np.atleast_2d(np.cov(z, rowvar=False)))
+    # eigh rather than Cholesky: collapsed code dimensions make the covariance singular
+    return z.mean(0), v * np.sqrt(np.clip(w, 0.0, None))
+
+
+@torch.inference_mode()
+def prior_samples(ctx: AppContext, n: int, generator: torch.Generator) -> torch.Tensor:
+    """`n` decoded draws from the model's prior or a prior fitted to its train codes, (n, *input_shape)."""
+    model, device = ctx.model, _device(ctx.model)
+    if ctx.family == "gaussian":
+        return model.sample(n, generator)
+    if ctx.family == "vq":
+        assert isinstance(model, VQVAE)
+        probs = _code_frequencies(ctx).to(device)  # (P, K)
+        idx = torch.multinomial(probs, n, replacement=True, generator=generator).T  # (P, n) -> (n, P)
+        return model.decode_codes(idx)
+    mean, root = _code_gaussian(ctx)
+    eps = torch.randn(n, len(mean), generator=generator, device=device, dtype=torch.float64)
+    z = torch.from_numpy(mean).to(device) + eps @ torch.from_numpy(root).to(device).T  # (n, K)
+    return model.decode(z.float())
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation from rows `a` to rows `b` (B, K) at fractions `t` (T,), (B, T, K)."""
+    omega = torch.arccos(F.cosine_similarity(a, b, dim=1).clamp(-1.0, 1.0))[:, None, None]  # (B, 1, 1)
+    t = t[None, :, None]  # (1, T, 1)
+    sin = torch.sin(omega)
+    # (anti)parallel ends leave no plane to rotate in: fall back to the linear weights
+    wa = torch.where(sin > 1e-6, torch.sin((1 - t) * omega) / sin, 1 - t)
+    wb = torch.where(sin > 1e-6, torch.sin(t * omega) / sin, t)
+    return wa * a[:, None] + wb * b[:, None]
+
+
+def _sorted_test_rows(ctx: AppContext) -> np.ndarray:
+    """Test rows ordered by sample_id, so every representation of a data set picks the same ones."""
+    rows = ctx.rows("test")
+    return rows[np.argsort(ctx.ff.frame["sample_id"].to_numpy()[rows], kind="stable")]
+
+
+def _test_pairs(ctx: AppContext, pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """`pairs` fixed test pairs (start rows, end rows), of different labels when labels exist."""
+    perm = np.random.default_rng(ctx.seed).permutation(_sorted_test_rows(ctx))
+    pairs = min(pairs, len(perm) // 2)
+    starts, rest = perm[:pairs], perm[pairs:]
+    y = ctx.labels
+    ends = []
+    for i, a in enumerate(starts):
+        other = rest if y is None else rest[y[rest] != y[a]]
+        other = other if len(other) else rest  # a single class: any other row
+        ends.append(other[i % len(other)])
+    return starts, np.asarray(ends, dtype=np.int64)
+
+
+@torch.inference_mode()
+def interpolations(ctx: AppContext, pairs: int = 4, steps: int = 8) -> np.ndarray:
+    """Decoded interpolations between fixed test pairs, (pairs, steps, *input_shape); the ends are reconstructions."""
+    model, device = ctx.model, _device(ctx.model)
+    starts, ends = _test_pairs(ctx, pairs)
+    za, zb = model.encode(ctx.inputs(starts).to(device)), model.encode(ctx.inputs(ends).to(device))
+    t = torch.linspace(0.0, 1.0, steps, device=device)
+    if ctx.family == "gaussian":
+        z = slerp(za, zb, t)
+    else:  # lerp's weight-1 branch returns the end exactly
+        z = torch.lerp(za[:, None], zb[:, None], t[None, :, None])  # (pairs, steps, K)
+    z = z.reshape(-1, model.latent_dim)  # (pairs * steps, K)
+    if isinstance(model, VQVAE):  # the decoder only knows code vectors
+        z = model.quantize(z.reshape(-1, model.cfg.code_dim))[1].reshape(-1, model.latent_dim)  # (n * P, D) -> (n, K)
+    return model.decode(z).reshape(len(starts), steps, *ctx.input_shape).float().cpu().numpy()
+
+
+@torch.inference_mode()
+def traversals(
+    ctx: AppContext, dims: int = 6, steps: int = 7, span: float = 2.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded single-dimension traversals from one test example's code, (dims, steps, *input_shape), and the dims."""
+    if ctx.family == "vq":  # a code vector moved off the codebook means nothing to the decoder
+        return np.empty((0, steps, *ctx.input_shape), dtype=np.float32), np.empty(0, dtype=np.int64)
+    model, device = ctx.model, _device(ctx.model)
+    offsets = np.linspace(-span, span, steps)
+    if ctx.family == "gaussian":  # the most informative dims, moved across the N(0, 1) prior
+        score = _map_rows(ctx, ctx.rows("test"), lambda x: kl_per_dim(model, x)).mean(0).double().cpu().numpy()
+        center, scale = np.zeros_like(score), np.ones_like(score)
+    else:  # the widest-spread dims, moved across their train spread
+        z_train = ctx.ff.z[ctx.rows("train")].astype(np.float64)
+        score, center, scale = z_train.var(0), z_train.mean(0), z_train.std(0)
+    chosen = np.argsort(-score, kind="stable")[:dims]
+    z0 = model.encode(ctx.inputs(_test_pairs(ctx, 1)[0]).to(device))  # (1, K)
+    z = z0.repeat(len(chosen) * steps, 1).reshape(len(chosen), steps, -1)  # (dims, steps, K)
+    for i, d in enumerate(chosen):
+        z[i, :, d] = torch.as_tensor(center[d] + offsets * scale[d], dtype=z.dtype, device=device)
+    images = model.decode(z.reshape(-1, z.shape[-1]))  # (dims * steps, *shape)
+    return images.reshape(len(chosen), steps, *ctx.input_shape).float().cpu().numpy(), chosen.astype(np.int64)
+
+
+# --- sample quality ----------------------------------------------------------------------------
+
+
+def fit_quality_classifier(ctx: AppContext) -> Pipeline:
+    """Standardized logistic regression (C=1) on the real train rows' normalized pixels and labels."""
+    train = ctx.rows("train")
+    labels = ctx.labels
+    assert labels is not None, f"{ctx.name}: the quality classifier needs labels"
+    clf = Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("logreg", LogisticRegression(C=1.0, max_iter=1000, random_state=ctx.seed)),
+        ]
+    )
+    with single_thread(), warnings.catch_warnings():
+        # separable pixel data can stop lbfgs at max_iter; the probabilities are still usable
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return clf.fit(ctx.flat(train), labels[train])
+
+
+def probability_metrics(p: np.ndarray) -> dict[str, float]:
+    """Confidence, entropies and classifier score of predicted class probabilities `p` (n, classes), nats."""
+    marginal = p.mean(0)  # p(y), (classes,)
+    kl = stats.entropy(p, marginal[None], axis=1)  # KL(p(y|x) || p(y)) per row
+    return {
+        "sample_confidence": float(p.max(1).mean()),
+        "sample_entropy": float(stats.entropy(p, axis=1).mean()),
+        "class_entropy": float(stats.entropy(marginal)),
+        "classifier_score": float(np.exp(kl.mean())),
+    }
+
+
+def quality_metrics(clf: Pipeline, x_flat: np.ndarray) -> dict[str, float]:
+    """`probability_metrics` of the classifier's predictions on flat samples (n, D)."""
+    with single_thread():
+        return probability_metrics(clf.predict_proba(x_flat))
+
+
+# --- the task ----------------------------------------------------------------------------------
+
+
+def generation(ctx: AppContext) -> TaskOutput:
+    """Importance-sampled NLL (Gaussian family), prior-sample quality (with labels), and the generation pictures."""
+    cfg, model, name = ctx.cfg, ctx.model, ctx.name
+    device = _device(model)
+    rows_out, notes = [], []
+    if ctx.family == "gaussian":
+        assert isinstance(model, VAE | HierVAE)
+        rows = subsample(ctx.ff, "test", cfg.nll_max_rows, ctx.seed)
+        gen = _generator(ctx)
+        log_w = torch.cat(
+            [
+                log_weights(model, ctx.inputs(rows[i : i + ROW_BATCH]).to(device), cfg.nll_samples, generator=gen)
+                for i in range(0, len(rows), ROW_BATCH)
+            ],
+            dim=1,
+        )  # (S, N)
+        nll = float(_nll(log_w).double().mean())
+        elbo = float(log_w.double().mean())
+        rows_out += [result_row(name, TASK, "nll_is", nll), result_row(name, TASK, "elbo", elbo)]
+        notes.append(f"nll_is with {cfg.nll_samples} importance samples on {len(rows)} test rows")
+        log.info("%s: nll_is %.2f nats, elbo %.2f", name, nll, elbo)
+    scored = label_problem(ctx.ff) is None
+    samples = prior_samples(ctx, max(SHOWN, cfg.generation_samples) if scored else SHOWN, _generator(ctx))
+    samples = samples.float().cpu().numpy()
+    if scored:
+        n = cfg.generation_samples
+        metrics = quality_metrics(fit_quality_classifier(ctx), samples[:n].reshape(n, -1))
+        rows_out += [result_row(name, TASK, k, v) for k, v in metrics.items()]
+        notes.append(f"quality of {n} prior samples under a logistic regression on the real train rows")
+    notes.append(
+        {
+            "gaussian": "samples from the model's prior",
+            "vq": "vq prior: independent categorical per position, fitted to the train codes",
+            "deterministic": "prior: full-covariance Gaussian fitted to the train codes",
+        }[ctx.family]
+    )
+    pictures = {f"{name}/samples": samples[:SHOWN], f"{name}/interpolations": interpolations(ctx)}
+    grid, dims = traversals(ctx)
+    if len(dims):
+        pictures[f"{name}/traversals"] = grid
+        pictures[f"{name}/traversal_dims"] = dims
+    return TaskOutput(
+        frame=result_frame(rows_out), pictures=pictures, notes=(f"generation ({name}): " + "; ".join(notes),)
+    )
+
+
+def generation_reference(ctx: AppContext) -> TaskOutput:
+    """The sample-quality metrics of the real test rows (representation `real_data`); empty without labels."""
+    if label_problem(ctx.ff) is not None:
+        return TaskOutput()
+    test = ctx.rows("test")
+    metrics = quality_metrics(fit_quality_classifier(ctx), ctx.flat(test))
+    return TaskOutput(
+        frame=result_frame([result_row("real_data", TASK, k, v) for k, v in metrics.items()]),
+        notes=(f"generation (real_data): quality metrics of the {len(test)} real test rows, same classifier",),
+    )

@@ -1,0 +1,87 @@
+"""Rate and distortion of a Gaussian-latent model on the test split (Alemi et al. 2018, "Fixing a Broken
+ELBO"): the ELBO splits into a rate R = E KL(q(z|x) || p(z)) and a distortion D = E -log p(x|z), and
+models trained at different betas trade one for the other along a curve.
+
+Protocol: over all test rows, in batches, with the global RNG forked and seeded with the evaluation
+seed (the models' `loss` draws z from it): `rate` is the mean total KL in nats (hier_vae: every level's
+KL, lower levels scored at a posterior draw of the levels above, as in its loss), `distortion` the
+mean `recon` term of the model's own loss (the Gaussian likelihood's constant D/2 log 2*pi is left
+out, as the loss leaves it out), and `active_units` the number of latent dimensions whose posterior
+mean varies over the test rows by more than 0.01 (Burda et al. 2016). Picture `<name>/kl_per_dim`
+holds the mean KL of every latent dimension (hier_vae: levels concatenated bottom first). Models
+without a Gaussian posterior and prior (ae, dae, vq_vae) give no rows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ae_repr.losses import active_units, gaussian_kl
+from ae_repr.models import Autoencoder
+from ae_repr.models.hier_vae import HierVAE
+from ae_repr.models.vae import VAE
+
+from .context import AppContext, TaskOutput
+from .results import result_frame, result_row
+
+log = logging.getLogger(__name__)
+
+BATCH = 512  # test rows per forward pass
+THRESHOLD = 0.01  # posterior-mean variance above which a unit counts as active
+
+
+def kl_per_dim(model: Autoencoder, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-row, per-dimension KL(q || p), (B, latent_dim), levels bottom first.
+
+    hier_vae's lower levels are scored at a posterior draw of the levels above, or at their means
+    when `generator` is None (their priors depend on those draws).
+    """
+    if isinstance(model, VAE):
+        return gaussian_kl(*model.posterior(x))
+    if isinstance(model, HierVAE):
+        levels = model.infer(x, sample=generator is not None, generator=generator)[1]
+        return torch.cat([lv.kl() for lv in levels], dim=1)  # (B, latent_dim), bottom first
+    raise TypeError(f"{type(model).__name__} has no Gaussian posterior and prior")
+
+
+def rate_distortion(ctx: AppContext) -> TaskOutput:
+    """Test-split rate (mean KL), distortion (mean recon term) and active units of a Gaussian-latent model."""
+    if ctx.family != "gaussian":
+        return TaskOutput()
+    model = ctx.model
+    device = next(model.parameters()).device
+    rows = ctx.rows("test")
+    kl_sum, recon_sum, means = None, 0.0, []
+    # the loss samples z from the global RNG: fork it so the caller's stream is untouched
+    with (
+        torch.inference_mode(),
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+    ):
+        torch.manual_seed(ctx.seed)
+        generator = torch.Generator(device).manual_seed(ctx.seed)
+        for start in range(0, len(rows), BATCH):
+            x = ctx.inputs(rows[start : start + BATCH]).to(device)
+            kl = kl_per_dim(model, x, generator).sum(0)  # (K,)
+            kl_sum = kl if kl_sum is None else kl_sum + kl
+            recon_sum += float(model.loss(x)["recon"]) * len(x)  # the loss reports a batch mean
+            means.append(model.encode(x))
+        mu = torch.cat(means)  # (N_test, K)
+    per_dim = (kl_sum / len(rows)).double().cpu().numpy()
+    units = int(active_units(mu, THRESHOLD).item())
+    frame = result_frame(
+        [
+            result_row(ctx.name, "rate_distortion", "rate", per_dim.sum()),
+            result_row(ctx.name, "rate_distortion", "distortion", recon_sum / len(rows)),
+            result_row(ctx.name, "rate_distortion", "active_units", units),
+        ]
+    )
+    log.info("%s: rate %.2f, distortion %.2f nats, %d active units", ctx.name, per_dim.sum(), recon_sum / len(rows), units)
+    note = (
+        f"rate_distortion ({ctx.name}): rate = mean KL(q(z|x) || p(z)), distortion = mean recon term of the "
+        f"model's loss (Gaussian constant left out), on {len(rows)} test rows, seed {ctx.seed}; "
+        f"active units: posterior-mean variance > {THRESHOLD}; beta={model.cfg.beta:g}"
+    )
+    return TaskOutput(frame=frame, pictures={f"{ctx.name}/kl_per_dim": per_dim.astype(np.float32)}, notes=(note,))
