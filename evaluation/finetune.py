@@ -114,9 +114,7 @@ def _initial_model(loaded: LoadedModel, arm: Arm, seed: int) -> Autoencoder:
     if arm == "finetune":
         return copy.deepcopy(loaded.model)
     m = loaded.model
-    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        return build_model(loaded.variant, m.cfg, m.input_shape, m.likelihood)
+    return build_model(loaded.variant, m.cfg, m.input_shape, m.likelihood, seed=seed)
 
 
 def _lp_head(

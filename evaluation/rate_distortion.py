@@ -2,8 +2,8 @@
 ELBO"): the ELBO splits into a rate R = E KL(q(z|x) || p(z)) and a distortion D = E -log p(x|z), and
 models trained at different betas trade one for the other along a curve.
 
-Protocol: over all test rows, in batches, with the global RNG forked and seeded with the evaluation
-seed (the models' `loss` draws z from it): `rate` is the mean total KL in nats (hier_vae: every level's
+Protocol: over all test rows, in batches, with posterior draws from a generator seeded with the
+evaluation seed: `rate` is the mean total KL in nats (hier_vae: every level's
 KL, lower levels scored at a posterior draw of the levels above, as in its loss), `distortion` the
 mean `recon` term of the model's own loss (the Gaussian likelihood's constant D/2 log 2*pi is left
 out, as the loss leaves it out), and `active_units` the number of latent dimensions whose posterior
@@ -55,18 +55,13 @@ def rate_distortion(ctx: AppContext) -> TaskOutput:
     device = next(model.parameters()).device
     rows = ctx.rows("test")
     kl_sum, recon_sum, means = None, 0.0, []
-    # the loss samples z from the global RNG: fork it so the caller's stream is untouched
-    with (
-        torch.inference_mode(),
-        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
-    ):
-        torch.manual_seed(ctx.seed)
+    with torch.inference_mode():
         generator = torch.Generator(device).manual_seed(ctx.seed)
         for start in range(0, len(rows), BATCH):
             x = ctx.inputs(rows[start : start + BATCH]).to(device)
             kl = kl_per_dim(model, x, generator).sum(0)  # (K,)
             kl_sum = kl if kl_sum is None else kl_sum + kl
-            recon_sum += float(model.loss(x)["recon"]) * len(x)  # the loss reports a batch mean
+            recon_sum += float(model.loss(x, generator=generator)["recon"]) * len(x)  # the loss reports a batch mean
             means.append(model.encode(x))
         mu = torch.cat(means)  # (N_test, K)
     per_dim = (kl_sum / len(rows)).double().cpu().numpy()

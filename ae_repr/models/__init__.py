@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
+
+import torch
 
 from .ae import AE
 from .base import Autoencoder, Corruption, ModelConfig
@@ -30,10 +33,22 @@ def model_config(variant: str, **fields: Any) -> ModelConfig:
     return cls.Config.model_validate({**defaults, **fields})
 
 
-def build_model(variant: str, cfg: ModelConfig, input_shape: tuple[int, ...], likelihood: str) -> Autoencoder:
-    """Instantiate a registered variant for inputs of `input_shape`."""
+# module initializers draw from torch's global generator; seeded builds take turns so that variants
+# built side by side (threads of one flow run) get the same weights as when built alone
+_INIT_LOCK = threading.Lock()
+
+
+def build_model(
+    variant: str, cfg: ModelConfig, input_shape: tuple[int, ...], likelihood: str, *, seed: int | None = None
+) -> Autoencoder:
+    """Instantiate a registered variant for inputs of `input_shape`; with `seed`, its initial weights
+    depend on the seed alone and the caller's global random state is left as it was."""
     cls, _ = REGISTRY[variant]
-    return cls(cfg, input_shape, likelihood)
+    if seed is None:
+        return cls(cfg, input_shape, likelihood)
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(cfg, input_shape, likelihood)
 
 
 __all__ = ["REGISTRY", "Autoencoder", "Corruption", "ModelConfig", "build_model", "model_config"]

@@ -39,7 +39,12 @@ class AE(Autoencoder):
         return likelihood_mean(self.decoder(z), self.likelihood)
 
     def loss(
-        self, x: torch.Tensor, *, target: torch.Tensor | None = None, **schedule: Any
+        self,
+        x: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **schedule: Any,
     ) -> dict[str, torch.Tensor]:
         """Reconstruction NLL of `target` (default `x`) from `x`; KL schedules do not apply."""
         recon = recon_loss(self.decoder(self.encoder(x)), x if target is None else target, self.likelihood)

@@ -3,7 +3,7 @@
 A variant maps inputs of a fixed shape (flat `(D,)` or image `(C, H, W)`, already normalized) to a
 `latent_dim`-wide representation (`encode`), back to data space (`decode`), and reports its training
 objective as a dict of named terms (`loss`). Training schedules (KL warm-up, free bits) are passed to
-`loss` as keyword arguments by the trainer; input corruption is applied by the trainer, which then
+`loss` as keyword arguments by the trainer, with the trainer's random generator; input corruption is applied by the trainer, which then
 calls `loss(corrupted, target=clean)`.
 """
 
@@ -76,8 +76,19 @@ class Autoencoder(nn.Module, ABC):
         """Data-space reconstruction (mean of the likelihood), (B, *input_shape)."""
 
     @abstractmethod
-    def loss(self, x: torch.Tensor, *, target: torch.Tensor | None = None, **schedule: Any) -> dict[str, torch.Tensor]:
-        """`"loss"`: weighted total for backprop; other keys: detached unweighted scalar terms."""
+    def loss(
+        self,
+        x: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **schedule: Any,
+    ) -> dict[str, torch.Tensor]:
+        """`"loss"`: weighted total for backprop; other keys: detached unweighted scalar terms.
+
+        Random draws (posterior samples, code resets) come from `generator` when given, so a run does
+        not depend on other threads drawing from torch's global generator.
+        """
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """decode(encode(x))."""

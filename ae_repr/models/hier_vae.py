@@ -178,12 +178,13 @@ class HierVAE(Autoencoder):
         x: torch.Tensor,
         *,
         target: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
         kl_weight: float = 1.0,
         free_bits: float = 0.0,
         **schedule: Any,
     ) -> dict[str, torch.Tensor]:
         """recon + beta * kl_weight * sum of level KLs (free bits per dimension); kl_0 is the bottom level."""
-        state, levels = self.infer(x)
+        state, levels = self.infer(x, generator=generator)
         recon = recon_loss(self.decoder(state), x if target is None else target, self.likelihood)
         kls = [lv.kl() for lv in levels]  # (B, d_l) each
         terms = vae_terms(

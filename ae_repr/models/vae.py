@@ -77,6 +77,7 @@ class VAE(Autoencoder):
         x: torch.Tensor,
         *,
         target: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
         kl_weight: float = 1.0,
         free_bits: float = 0.0,
         **schedule: Any,
@@ -84,7 +85,7 @@ class VAE(Autoencoder):
         """recon + beta * kl_weight * KL (free-bits floored); also reports kl, elbo, active_units."""
         mu, logvar = self.posterior(x)
         recon = recon_loss(
-            self.decoder(reparameterize(mu, logvar)), x if target is None else target, self.likelihood
+            self.decoder(reparameterize(mu, logvar, generator)), x if target is None else target, self.likelihood
         )
         return vae_terms(
             recon,

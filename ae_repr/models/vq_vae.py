@@ -106,10 +106,10 @@ class VQVAE(Autoencoder):
         return likelihood_mean(self.decoder(z), self.likelihood)
 
     @torch.no_grad()
-    def _revive_dead_codes(self, z: torch.Tensor) -> None:
+    def _revive_dead_codes(self, z: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Reset codes unused for `dead_code_steps` steps to random rows of `z` (no host sync)."""
         dead = self.steps_unused >= self.cfg.dead_code_steps  # (K,)
-        pick = z[torch.randint(0, z.shape[0], (self.cfg.codebook_size,), device=z.device)]  # (K, D)
+        pick = z[torch.randint(0, z.shape[0], (self.cfg.codebook_size,), generator=generator, device=z.device)]  # (K, D)
         self.codebook.copy_(torch.where(dead[:, None], pick, self.codebook))
         self.steps_unused.masked_fill_(dead, 0)
         if self.cfg.ema:
@@ -128,13 +128,18 @@ class VQVAE(Autoencoder):
         self.codebook.copy_(self.ema_embed_sum / size[:, None])
 
     def loss(
-        self, x: torch.Tensor, *, target: torch.Tensor | None = None, **schedule: Any
+        self,
+        x: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **schedule: Any,
     ) -> dict[str, torch.Tensor]:
         """recon + codebook (unless ema) + commitment * commit; updates codebook state in training mode."""
         batch = x.shape[0]
         z = self._codes(x)  # (B * P, D)
         if self.training and self.cfg.dead_code_steps > 0:
-            self._revive_dead_codes(z.detach())
+            self._revive_dead_codes(z.detach(), generator)
         idx, z_q = self.quantize(z)
         counts = code_counts(idx, self.cfg.codebook_size, z.dtype)  # (K,)
         if self.training:

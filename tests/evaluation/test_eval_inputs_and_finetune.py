@@ -154,9 +154,10 @@ def test_scratch_builds_a_fresh_model_of_the_same_variant_and_config(ae_file, mo
 
     built = []
 
-    def spy(variant, cfg, input_shape, likelihood):
+    def spy(variant, cfg, input_shape, likelihood, *, seed=None):
         built.append((variant, cfg, input_shape, likelihood))
-        return real(variant, cfg, input_shape, likelihood)
+        assert seed is not None  # scratch models are seeded per run
+        return real(variant, cfg, input_shape, likelihood, seed=seed)
 
     real = finetune.build_model
     monkeypatch.setattr(finetune, "build_model", spy)
