@@ -6,6 +6,7 @@ test runs its own. Tracking is off here (tests/flows/test_tracking.py covers MLf
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,31 @@ def test_run_writes_every_output(first_run):
     assert timings["training"]["busy_s"] > 0 and timings["evaluation"]["busy_s"] > 0
 
 
+def test_run_scores_the_applications_and_links_their_plots(first_run):
+    """Every application task writes rows for the variants it applies to, beside its baselines; the
+    report links at least six of their pictures, and each linked file is a PNG."""
+    out, _ = first_run
+    s = pd.read_parquet(out / "summary.parquet")
+    reps = {task: set(s.loc[s["task"] == task, "representation"])
+            for task in ("anomaly", "inpainting", "generation", "augmentation", "rate_distortion")}
+    assert reps["anomaly"] == {*VARIANTS, "pca", "isolation_forest"}
+    assert reps["inpainting"] == {*VARIANTS, "pca", "mean_image"}
+    assert reps["generation"] == {*VARIANTS, "real_data"}
+    assert reps["augmentation"] == set(VARIANTS)
+    assert reps["rate_distortion"] == {"vae"}  # ae has no prior and no KL
+    nll = s[(s["task"] == "generation") & (s["metric"] == "nll_is")].set_index("representation")["value"]
+    elbo = s[(s["task"] == "generation") & (s["metric"] == "elbo")].set_index("representation")["value"]
+    assert list(nll.index) == ["vae"] and nll["vae"] <= -elbo["vae"] + 1e-6  # the IS bound is the tighter one
+    report = (out / "report.md").read_text()
+    linked = re.findall(r"!\[[^]]*\]\((plots/[^)]+\.png)\)", report)
+    apps = {"reconstructions", "prior_samples", "interpolations", "inpainting", "augmentation", "rate_distortion",
+            "kl_per_dim", "anomaly_roc", "traversals_ae", "traversals_vae"}
+    assert apps <= {Path(p).stem for p in linked}, linked
+    for rel in linked:
+        assert (out / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel
+    assert "## Applications" in report
+
+
 def test_headline_artifact(first_run):
     out, state = first_run
     found = artifacts(state.state_details.flow_run_id)
@@ -162,3 +188,24 @@ def test_one_failing_variant_fails_alone(storage, tmp_path, monkeypatch):
     assert "injected failure in vae" in report
     md = artifacts(state.state_details.flow_run_id)["headline-results"].data
     assert "injected failure in vae" in md and "| ae |" in md
+
+
+def test_dsprites_run_scores_disentanglement_for_learned_and_baseline_codes(storage, tmp_path):
+    """On data with ground-truth factors the flow adds MIG, DCI and SAP for every representation,
+    the DCI importance picture and beta_vae's traversals."""
+    cfg = tiny_config().model_dump(mode="json")
+    cfg["data"]["dataset"] = "dsprites:1200"
+    cfg["models"]["variants"] = ["beta_vae"]
+    cfg["eval"].update(applications=["generation", "rate_distortion", "disentanglement"], fewshot_finetune=False)
+    state = fp.pretrain_and_probe(config=validate_config(cfg), out=str(tmp_path), return_state=True)
+    assert state.is_completed(), state.message
+    s = pd.read_parquet(tmp_path / "summary.parquet")
+    dis = s[s["task"] == "disentanglement"]
+    assert set(dis["representation"]) == {"beta_vae", "pca"}
+    for rep in ("beta_vae", "pca"):
+        got = dis[dis["representation"] == rep].set_index("metric")["value"]
+        assert set(got.index) == {"mig", "dci_disentanglement", "dci_completeness", "dci_informativeness", "sap"}
+        assert ((got >= 0) & (got <= 1)).all(), got
+    report = (tmp_path / "report.md").read_text()
+    assert "](plots/dci_importance.png)" in report and "](plots/traversals_beta_vae.png)" in report
+    assert "MIG" in report and "GradientBoostingRegressor" in report  # the estimator settings are recorded

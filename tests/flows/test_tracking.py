@@ -140,6 +140,13 @@ def test_variant_runs(tracked):
         assert "eval/linear_probe_macro_f1" in run.data.metrics
         assert "eval/fewshot_frozen_accuracy_k5" in run.data.metrics
         assert any(k.startswith("eval/knn_accuracy") for k in run.data.metrics)
+        for task, metric in (("anomaly", "auroc"), ("inpainting", "mse_masked"), ("generation", "classifier_score"),
+                             ("augmentation", "accuracy_delta")):  # the application tasks' numbers too
+            value = rows[(rows.task == task) & (rows.metric == metric)].value.item()
+            key = f"eval/{task}_{metric}" + ("_k5" if task == "augmentation" else "")
+            assert run.data.metrics[key] == pytest.approx(value), key
+        if v == "vae":
+            assert "eval/generation_nll_is" in run.data.metrics and "eval/rate_distortion_rate" in run.data.metrics
         (ds,) = run.inputs.dataset_inputs
         assert ds.dataset.name == "digits" and parent.data.tags["dataset_sha256"].startswith(ds.dataset.digest)
         arts = _artifacts(client, rid)
