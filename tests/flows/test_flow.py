@@ -209,3 +209,21 @@ def test_dsprites_run_scores_disentanglement_for_learned_and_baseline_codes(stor
     report = (tmp_path / "report.md").read_text()
     assert "](plots/dci_importance.png)" in report and "](plots/traversals_beta_vae.png)" in report
     assert "MIG" in report and "GradientBoostingRegressor" in report  # the estimator settings are recorded
+
+
+def test_beta_sweep_adds_rate_distortion_points(storage, tmp_path):
+    """`eval.rd_betas` trains beta_vae at each beta beside the configured variants; a larger beta buys a
+    lower rate, and the sweep is drawn as a curve."""
+    cfg = tiny_config().model_dump(mode="json")
+    cfg["models"]["variants"] = ["vae"]
+    cfg["train"]["epochs"] = 2
+    cfg["eval"].update(applications=["rate_distortion"], rd_betas=[0.25, 8.0], fewshot_finetune=False)
+    state = fp.pretrain_and_probe(config=validate_config(cfg), out=str(tmp_path), return_state=True)
+    assert state.is_completed(), state.message
+    s = pd.read_parquet(tmp_path / "summary.parquet")
+    rd = s[s["task"] == "rate_distortion"].pivot_table(index="representation", columns="metric", values="value")
+    assert set(rd.index) == {"vae", "beta_vae@beta=0.25", "beta_vae@beta=8"}
+    assert rd.loc["beta_vae@beta=0.25", "rate"] > rd.loc["beta_vae@beta=8", "rate"]
+    for beta in ("0.25", "8"):
+        assert (tmp_path / "models" / "beta_sweep" / f"beta_{beta}" / "model.pt").is_file()
+    assert "](plots/rate_distortion.png)" in (tmp_path / "report.md").read_text()
