@@ -318,10 +318,11 @@ def evaluate_dir(
         except Exception as e:  # one broken representation must not hide the others' results
             logger.exception("%s: evaluation failed", ff.name)
             failures[ff.name] = f"{type(e).__name__}: {e}"
-    learned = [ff for ff in files if is_learned(ff)]
-    if learned:
+    # the model-free references only make sense beside a model to compare with
+    with_model = [ff for ff in files if is_learned(ff) and (m := model_dir(ff)) is not None and m.is_dir()]
+    if with_model and cfg.applications:
         try:
-            evaluate_application_baselines(learned[0].path, cfg, eval_dir=eval_dir, seed=seed)
+            evaluate_application_baselines(with_model[0].path, cfg, eval_dir=eval_dir, seed=seed)
         except UserError:
             raise
         except Exception as e:
