@@ -27,6 +27,7 @@ from ae_repr.io import FeatureFile, write_table
 
 from .app_plots import application_plots
 from .applications import (
+    APPLICATIONS,
     BASELINES_NAME,
     PICTURES_SUFFIX,
     application_baselines,
@@ -113,8 +114,9 @@ def evaluate_representation(
                     f"{ff.name}: fewshot_finetune/fewshot_scratch not run: no model directory ({ff.meta.get('model_dir', 'no model_dir')})."
                 )
     run("reduction", lambda: reduction(ff, cfg, seed=seed))
-    if cfg.applications and is_learned(ff) and not has_model:
-        notes.append(f"{ff.name}: anomaly, inpainting, generation, augmentation and rate_distortion need the model; not run.")
+    needs_model = [t for t in cfg.applications if APPLICATIONS[t][0]]
+    if needs_model and is_learned(ff) and not has_model:
+        notes.append(f"{ff.name}: {', '.join(needs_model)} not run: they need the model, and there is none.")
     loaded = load_model(model_dir(ff)) if cfg.applications and has_model else None
     train_cfg = TrainConfig.model_validate(loaded.meta.get("train_config", {})) if loaded else None
     tasks = applications_for(
