@@ -35,7 +35,7 @@ from torch import nn
 from ae_repr.checkpoint import LoadedModel, load_model
 from ae_repr.config import EvalConfig
 from ae_repr.io import FeatureFile
-from ae_repr.models import Autoencoder, build_model
+from ae_repr.models import Autoencoder, build_model, module_init
 
 from .fewshot import fewshot_episodes, fewshot_row, usable_k
 from .inputs import labels, model_dir, raw_inputs, split_mask
@@ -131,7 +131,8 @@ def _lp_head(
         w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
     w = w / scaler.scale_  # logits = W (z - mean) / scale + b
     b = b - w @ scaler.mean_
-    head = nn.Linear(z.shape[1], n_classes)
+    with module_init():  # its random init is overwritten below, but must not shift a seeded build elsewhere
+        head = nn.Linear(z.shape[1], n_classes)
     with torch.no_grad():
         head.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
         head.bias.copy_(torch.as_tensor(b, dtype=torch.float32))

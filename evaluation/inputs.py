@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from ae_repr.data import Dataset, Normalizer, load_dataset
 from ae_repr.errors import UserError
@@ -30,9 +30,13 @@ def single_thread() -> Iterator[None]:
 
     Two threads made lbfgs fits ~10x slower on a 2-core machine, and t-SNE's OpenMP barriers stalled
     for tens of seconds whenever other processes shared the cores; one thread is as fast when idle.
-    Torch's own thread settings are left alone.
+    Torch's own OpenMP runtime is left alone: the limit is process-wide, and torch work in another
+    thread (a fine-tune arm, a training task) would otherwise switch thread counts mid-run and sum
+    in a different order, so its results would depend on timing.
     """
-    with threadpool_limits(1):
+    controller = ThreadpoolController()  # the libraries loaded now (cheap: no thread start)
+    others = [lib.filepath for lib in controller.lib_controllers if f"{os.sep}torch{os.sep}" not in lib.filepath]
+    with controller.select(filepath=others).limit(limits=1):
         yield
 
 

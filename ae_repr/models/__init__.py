@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,22 +35,29 @@ def model_config(variant: str, **fields: Any) -> ModelConfig:
     return cls.Config.model_validate({**defaults, **fields})
 
 
-# module initializers draw from torch's global generator; seeded builds take turns so that variants
-# built side by side (threads of one flow run) get the same weights as when built alone
+# module initializers draw from torch's global generator: every module construction takes this lock,
+# so a seeded build in one thread (a variant of a flow run) gets the same weights as when built alone
 _INIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def module_init(seed: int | None = None) -> Iterator[None]:
+    """Construct torch modules here: one thread at a time; with `seed`, initial weights depend on the seed
+    alone and the global random state is restored afterwards."""
+    with _INIT_LOCK, torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 def build_model(
     variant: str, cfg: ModelConfig, input_shape: tuple[int, ...], likelihood: str, *, seed: int | None = None
 ) -> Autoencoder:
     """Instantiate a registered variant for inputs of `input_shape`; with `seed`, its initial weights
-    depend on the seed alone and the caller's global random state is left as it was."""
+    depend on the seed alone (see `module_init`)."""
     cls, _ = REGISTRY[variant]
-    if seed is None:
-        return cls(cfg, input_shape, likelihood)
-    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with module_init(seed):
         return cls(cfg, input_shape, likelihood)
 
 
-__all__ = ["REGISTRY", "Autoencoder", "Corruption", "ModelConfig", "build_model", "model_config"]
+__all__ = ["REGISTRY", "Autoencoder", "Corruption", "ModelConfig", "build_model", "model_config", "module_init"]
