@@ -10,7 +10,6 @@ plots are drawn from them by `summarize`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -30,8 +29,6 @@ from .generation import generation, generation_reference
 from .inpainting import inpainting, inpainting_baselines
 from .inputs import subsample
 from .rate_distortion import rate_distortion
-
-log = logging.getLogger(__name__)
 
 Task = Callable[[AppContext], TaskOutput]
 BaselineTask = Callable[[AppContext, int], TaskOutput]
@@ -65,8 +62,6 @@ def applications_for(
     work_dir: Path | None = None,
 ) -> list[tuple[str, Callable[[], TaskOutput]]]:
     """The (task, thunk) pairs to run for one representation; model tasks only when `loaded` is given."""
-    if not cfg.applications:
-        return []
     tasks = [t for t in cfg.applications if loaded is not None or not APPLICATIONS[t][0]]
     if not tasks:
         return []
