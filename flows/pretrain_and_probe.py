@@ -1,7 +1,8 @@
 """The `pretrain-and-probe` Prefect flow: a thin DAG over ae_repr (train, extract) and evaluation.
 
-data → for each variant in parallel: train → extract → evaluate; baselines → evaluate; then summary
-and report. Tasks exchange paths and small dicts only; MLflow tracking goes through `flows.tracking`.
+data → for each variant in parallel: train → extract → evaluate (probes, few-shot, reduction and the
+applications); baselines → evaluate; the applications' model-free references; optionally a beta sweep
+for the rate-distortion curve; then summary and report. Tasks exchange paths and small dicts only; MLflow tracking goes through `flows.tracking`.
 """
 
 from __future__ import annotations
@@ -298,11 +299,8 @@ def pretrain_and_probe(
         runs = {v: tracker.start_variant(v) for v in cfg.models.variants}
 
     # a deleted or never-written output is recomputed (and re-cached), never served stale from the cache
-    trained = {v: train_task.with_options(timeout_seconds=cfg.train.timeout_s,
-                                          refresh_cache=not (out_dir / "models" / v / WEIGHTS).is_file())
-               .submit(v, cfg, str(out_dir), runs[v]) for v in cfg.models.variants}
-    sweep = {b: train_task.submit("beta_vae", cfg.with_beta(b), str(out_dir), None, f"beta_sweep/beta_{b:g}")
-             for b in beta_sweep(cfg)}
+    trained = {v: _train(v, cfg, out_dir, runs[v]) for v in cfg.models.variants}
+    sweep = {b: _train("beta_vae", cfg.with_beta(b), out_dir, None, f"beta_sweep/beta_{b:g}") for b in beta_sweep(cfg)}
     extracted = {v: extract_task.with_options(refresh_cache=not (out_dir / "features" / f"{v}.parquet").is_file())
                  .submit(v, cfg, str(out_dir), trained[v], runs[v]) for v in cfg.models.variants}
     evaluated: dict[str, PrefectFuture] = {}
@@ -328,8 +326,7 @@ def pretrain_and_probe(
             evaluated[BASELINES_NAME] = application_baselines_task.with_options(refresh_cache=missing).submit(
                 BASELINES_NAME, learned[0], cfg, str(out_dir))
         if sweep:
-            evaluated[SWEEP_NAME] = beta_sweep_task.submit(cfg, str(out_dir), learned[0],
-                                                           dict(sweep))
+            evaluated[SWEEP_NAME] = beta_sweep_task.submit(cfg, str(out_dir), learned[0], dict(sweep))
     for name, fut in evaluated.items():
         fut.wait()
         if not fut.state.is_completed():
@@ -352,6 +349,14 @@ def pretrain_and_probe(
     if failures:
         return Failed(message="failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
     return Completed(message=str(summary), data=str(summary))
+
+
+def _train(variant: str, cfg: ExperimentConfig, out_dir: Path, run_id: str | None,
+           name: str | None = None) -> PrefectFuture:
+    """Submit one training task (retrained when its model file is missing, never served stale from the cache)."""
+    missing = not (out_dir / "models" / (name or variant) / WEIGHTS).is_file()
+    return train_task.with_options(timeout_seconds=cfg.train.timeout_s, refresh_cache=missing).submit(
+        variant, cfg, str(out_dir), run_id, name)
 
 
 def beta_sweep(cfg: ExperimentConfig) -> tuple[float, ...]:
