@@ -73,6 +73,23 @@ def metric_dict(frame: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+RunFn = Callable[[str, Callable[[], pd.DataFrame]], None]
+
+
+def _runner(name: str, frames: list[pd.DataFrame], log: LogFn | None) -> RunFn:
+    """`run(task, fn)`: time one task of `name`, keep its rows in `frames`, log them and pass them to `log`."""
+
+    def run(task: str, fn: Callable[[], pd.DataFrame]) -> None:
+        start = time.perf_counter()
+        frame = fn()
+        frames.append(frame)
+        logger.info("%s: %s done in %.2fs (%d rows)", name, task, time.perf_counter() - start, len(frame))
+        if log is not None and len(frame):
+            log(metric_dict(frame))
+
+    return run
+
+
 def evaluate_representation(
     feature_path: Path, cfg: EvalConfig, *, eval_dir: Path, seed: int = 0, log: LogFn | None = None
 ) -> Path:
@@ -81,15 +98,7 @@ def evaluate_representation(
     eval_dir = Path(eval_dir)
     frames: list[pd.DataFrame] = []
     notes: list[str] = []
-
-    def run(task: str, fn: Callable[[], pd.DataFrame]) -> None:
-        start = time.perf_counter()
-        frame = fn()
-        frames.append(frame)
-        logger.info("%s: %s done in %.2fs (%d rows)", ff.name, task, time.perf_counter() - start, len(frame))
-        if log is not None and len(frame):
-            log(metric_dict(frame))
-
+    run = _runner(ff.name, frames, log)
     has_model = is_learned(ff) and _has_model(ff)
     problem = label_problem(ff)
     if problem:
@@ -129,9 +138,7 @@ def evaluate_representation(
 
 
 def _run_applications(
-    tasks: list[tuple[str, Callable[[], TaskOutput]]],
-    run: Callable[[str, Callable[[], pd.DataFrame]], None],
-    notes: list[str],
+    tasks: list[tuple[str, Callable[[], TaskOutput]]], run: RunFn, notes: list[str]
 ) -> dict[str, np.ndarray]:
     """Run application tasks through `run` (timing, logging, rows); collect their pictures and notes."""
     pictures: dict[str, np.ndarray] = {}
@@ -162,15 +169,7 @@ def evaluate_application_baselines(
         return None
     frames: list[pd.DataFrame] = []
     notes: list[str] = []
-
-    def run(task: str, fn: Callable[[], pd.DataFrame]) -> None:
-        start = time.perf_counter()
-        frames.append(fn())
-        logger.info("baselines: %s done in %.2fs", task, time.perf_counter() - start)
-        if log is not None and len(frames[-1]):
-            log(metric_dict(frames[-1]))
-
-    pictures = _run_applications(tasks, run, notes)
+    pictures = _run_applications(tasks, _runner(BASELINES_NAME, frames, log), notes)
     write_pictures(eval_dir / f"{BASELINES_NAME}{PICTURES_SUFFIX}", pictures)
     return write_results(path, concat_results(frames), notes=notes)
 
