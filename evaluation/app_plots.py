@@ -11,9 +11,11 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -33,6 +35,17 @@ def by_name(pictures: Pictures, what: str) -> dict[str, np.ndarray]:
 
 def _rows(named: dict[str, np.ndarray], n: int | None = None) -> list[tuple[str, np.ndarray]]:
     return [(name, as_images(imgs[:n])) for name, imgs in named.items() if len(imgs)]
+
+
+def _finish(fig: Figure, ax: Axes, path: Path, xlabel: str, ylabel: str, heading: str, **legend: Any) -> Path:
+    """Label a one-panel figure, add its legend (`legend`: Axes.legend options) and save it."""
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(frameon=False, **legend)
+    ax.set_title(heading, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=_DPI)
 
 
 def plot_reconstructions(pictures: Pictures, path: Path) -> Path | None:
@@ -113,13 +126,8 @@ def plot_rate_distortion(results: pd.DataFrame, path: Path) -> Path | None:
                         xytext=(3, 3), textcoords="offset points")
     for i, (name, r) in enumerate(rd.drop(index=sweep.index).iterrows()):
         ax.plot(r["rate"], r["distortion"], "o", color=f"C{i % 10}", ms=6, label=name)
-    ax.set_xlabel("rate: KL(q(z|x) || p(z)) [nats]", fontsize=8)
-    ax.set_ylabel("distortion: reconstruction NLL [nats]", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7, frameon=False)
-    ax.set_title("rate-distortion (test split)", fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=_DPI)
+    return _finish(fig, ax, path, "rate: KL(q(z|x) || p(z)) [nats]", "distortion: reconstruction NLL [nats]",
+                   "rate-distortion (test split)", fontsize=7)
 
 
 def plot_kl_per_dim(pictures: Pictures, path: Path) -> Path | None:
@@ -155,13 +163,8 @@ def plot_anomaly_roc(pictures: Pictures, path: Path) -> Path | None:
         auc = roc_auc_score(truth[name], scores[name])
         ax.plot(fpr, tpr, lw=1.2, color=f"C{i % 10}", label=f"{name} ({auc:.3f})")
     ax.plot([0, 1], [0, 1], ":", color="0.6", lw=1)
-    ax.set_xlabel("false positive rate", fontsize=8)
-    ax.set_ylabel("true positive rate", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6, frameon=False, title="AUROC", title_fontsize=7, loc="lower right")
-    ax.set_title("anomaly detection (held-out classes)", fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=_DPI)
+    return _finish(fig, ax, path, "false positive rate", "true positive rate", "anomaly detection (held-out classes)",
+                   fontsize=6, title="AUROC", title_fontsize=7, loc="lower right")
 
 
 def plot_dci_importance(pictures: Pictures, path: Path) -> Path | None:
