@@ -214,12 +214,15 @@ def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
 
         preflight(cfg)
     out = _out_dir(args.out or os.path.join("runs", cfg.data.dataset.replace(":", "_").replace("/", "_")), created)
-    from flows.pretrain_and_probe import data_for, run_local
+    from flows.early_api import api_booting
 
     from .io import exclusive_lock
 
-    with exclusive_lock(out):
+    with exclusive_lock(out), api_booting() as api_ready:
+        from flows.pretrain_and_probe import data_for, run_local
+
         data_for(cfg)  # bad data fails here, in one line, before the flow starts (the flow reuses this load)
+        api_ready()
         return run_local(cfg, out)
 
 

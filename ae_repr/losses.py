@@ -77,6 +77,11 @@ def reparameterize(
     return mu + (0.5 * logvar).exp() * eps
 
 
+def repeat_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, ...) -> (n * B, ...): `t` stacked n times, draw-major (row i of draw s at s * B + i)."""
+    return t if n == 1 else t.repeat(n, *([1] * (t.dim() - 1)))
+
+
 def kl_penalty(kl_dims: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
     """Batch-mean KL of (B, D) per-dimension terms, each dimension floored at `free_bits` nats first."""
     per_dim = kl_dims.mean(0)  # (D,)

@@ -146,7 +146,7 @@ def model_scores(model: Autoencoder, x: torch.Tensor, family: Family, *, seed: i
     out = []
     for xb in x.split(_BATCH):
         if family == "gaussian":
-            s = -torch.stack([model.log_weight(xb, generator) for _ in range(ELBO_DRAWS)]).mean(0)
+            s = -model.log_weight(xb, generator, draws=ELBO_DRAWS).reshape(ELBO_DRAWS, len(xb)).mean(0)
         elif family == "vq":
             s = model.quantization_error(xb)
         else:

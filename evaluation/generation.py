@@ -87,8 +87,7 @@ def log_weights(
     out = []
     for start in range(0, n_samples, chunk):
         s = min(chunk, n_samples - start)
-        xs = x.repeat(s, *([1] * (x.dim() - 1)))  # (s * B, *shape), draw-major
-        out.append(model.log_weight(xs, generator).reshape(s, len(x)))  # (s * B,) -> (s, B)
+        out.append(model.log_weight(x, generator, draws=s).reshape(s, len(x)))  # (s * B,), draw-major -> (s, B)
     return torch.cat(out)
 
 

@@ -1,7 +1,7 @@
 """Small PNG figures: 2-D maps of each representation coloured by label, and few-shot accuracy vs k.
 
 Maps embed at most `map_max_rows` test rows (the same rows for every representation, see
-`inputs.subsample`) with t-SNE (`sklearn.manifold.TSNE`, PCA init, seeded), or UMAP when
+`inputs.subsample`) with t-SNE (`sklearn.manifold.TSNE`, PCA init, `map_iters` iterations, seeded), or UMAP when
 `map_method="umap"` and the `umap` package is installed (else t-SNE, with a warning).
 Figures are drawn on the Agg canvas without pyplot (thread-safe) and written atomically.
 """
@@ -52,7 +52,9 @@ def embed_2d(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFrame
             from sklearn.manifold import TSNE
 
             perplexity = min(30.0, (len(rows) - 1) / 3)
-            xy = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(z)
+            xy = TSNE(
+                n_components=2, init="pca", perplexity=perplexity, max_iter=cfg.map_iters, random_state=seed
+            ).fit_transform(z)
     return pd.DataFrame(
         {
             "sample_id": ff.frame["sample_id"].to_numpy()[rows],

@@ -11,7 +11,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import defaultdict
@@ -46,6 +45,7 @@ from evaluation import (
     write_baselines,
 )
 
+from .early_api import startup_timeout
 from .tracking import Tracker, display_uri, tracking_uri
 
 FLOW_NAME = "pretrain-and-probe"
@@ -437,11 +437,8 @@ def run_local(cfg: ExperimentConfig, out: Path) -> int:
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
     started = time.time()
-    # the ephemeral API's 20 s default is too short on a busy 2-core machine; an explicit setting wins
-    updates = {} if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ else {
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}
     (out / TIMINGS).unlink(missing_ok=True)
-    with temporary_settings(updates=updates):
+    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup_timeout()}):
         state = pretrain_and_probe(config=cfg, out=str(out), return_state=True)
     report = out / "report.md"
     print()

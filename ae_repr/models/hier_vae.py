@@ -27,6 +27,7 @@ from ..losses import (
     nll_constant,
     recon_loss,
     reparameterize,
+    repeat_rows,
     vae_terms,
 )
 from .backbones import Activation, make_decoder, make_encoder
@@ -124,12 +125,17 @@ class HierVAE(Autoencoder):
         return state
 
     def infer(
-        self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+        self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None, draws: int = 1
     ) -> tuple[torch.Tensor, list[Level]]:
-        """Posterior pass: final top-down state and each level's distributions, bottom first."""
+        """Posterior pass: final top-down state and each level's distributions, bottom first.
+
+        With `draws` > 1 the bottom-up pass runs once and the top-down pass `draws` times per row, as
+        (draws * B) rows, draw-major.
+        """
         feats = [self.encoder(x)]
         for block in self.bottom_up:
             feats.append(block(feats[-1]))
+        feats = [repeat_rows(f, draws) for f in feats]
         mu, logvar = self.top_posterior(feats[-1]).float().chunk(2, dim=1)
         top = Level(mu, logvar, None, None, reparameterize(mu, logvar, generator) if sample else mu)
         levels: list[Level] = []
@@ -154,10 +160,11 @@ class HierVAE(Autoencoder):
         zs = z.split(self.level_dims, dim=1)  # bottom first
         return likelihood_mean(self.decoder(self._walk(zs[-1], lambda lvl, _: zs[lvl])), self.likelihood)
 
-    def log_weight(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """log p(x, z) - log q(z|x) at one draw of every level from the posterior, constants included, (B,)."""
-        state, levels = self.infer(x, generator=generator)
-        log_w = log_likelihood(self.decoder(state).float(), x, self.likelihood)
+    def log_weight(self, x: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1) -> torch.Tensor:
+        """log p(x, z) - log q(z|x) at `draws` draws of every level from the posterior, constants included,
+        (draws * B,) draw-major; the bottom-up pass runs once per row."""
+        state, levels = self.infer(x, generator=generator, draws=draws)
+        log_w = log_likelihood(self.decoder(state).float(), repeat_rows(x, draws), self.likelihood)
         for lv in levels:  # the top level's prior is N(0, I) (mu_p None); lower levels' come from the state
             log_w = log_w + gaussian_log_density(lv.z, lv.mu_p, lv.logvar_p) - gaussian_log_density(lv.z, lv.mu_q, lv.logvar_q)
         return log_w

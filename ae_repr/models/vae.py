@@ -20,6 +20,7 @@ from ..losses import (
     nll_constant,
     recon_loss,
     reparameterize,
+    repeat_rows,
     vae_terms,
 )
 from .backbones import make_decoder, make_encoder
@@ -62,12 +63,13 @@ class VAE(Autoencoder):
         device = next(self.parameters()).device
         return self.decode(torch.randn(n, self.latent_dim, generator=generator, device=device))
 
-    def log_weight(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """log p(x, z) - log q(z|x) at one z ~ q(z|x) per row, constants included, (B,).
+    def log_weight(self, x: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1) -> torch.Tensor:
+        """log p(x, z) - log q(z|x) at `draws` z ~ q(z|x) per row, constants included, (draws * B,) draw-major.
 
         Its mean over draws is the ELBO; -log of the mean of exp over S draws is the importance-sampled NLL.
+        The encoder runs once per row, whatever the number of draws.
         """
-        mu, logvar = self.posterior(x)
+        mu, logvar, x = (repeat_rows(t, draws) for t in (*self.posterior(x), x))
         z = reparameterize(mu, logvar, generator)
         log_px = log_likelihood(self.decoder(z).float(), x, self.likelihood)
         return log_px + gaussian_log_density(z) - gaussian_log_density(z, mu, logvar)

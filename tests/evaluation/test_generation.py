@@ -17,7 +17,7 @@ from ae_repr.checkpoint import LoadedModel, load_model, save_model
 from ae_repr.config import EvalConfig
 from ae_repr.data import Normalizer
 from ae_repr.io import read_features, write_features
-from ae_repr.losses import gaussian_kl
+from ae_repr.losses import gaussian_kl, repeat_rows
 from ae_repr.models import REGISTRY, build_model, model_config
 from evaluation.context import AppContext, make_context
 from evaluation.generation import (
@@ -102,6 +102,20 @@ def test_nll_is_hier_vae_below_elbo_and_decreasing():
     means = [float(nll_is(model, x, s, generator=_gen(s)).mean()) for s in (1, 10, 100)]
     assert means[0] > means[1] > means[2]
     assert math.isclose(means[0], float(-log_weights(model, x, 1, generator=_gen(1)).mean()), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["vae", "hier_vae"])
+def test_log_weight_draws_share_one_encoder_pass(variant):
+    """S draws per row from one encoder pass are the draws of S stacked copies of the rows, in the same order."""
+    torch.manual_seed(0)
+    model = build_model(variant, model_config(variant, latent_dim=4), IMAGE, "bernoulli").eval()
+    x = torch.rand(5, *IMAGE)
+    with torch.inference_mode():
+        shared = model.log_weight(x, _gen(3), draws=4)
+        stacked = model.log_weight(repeat_rows(x, 4), _gen(3))
+    assert shared.shape == (20,)
+    torch.testing.assert_close(shared, stacked, atol=1e-4, rtol=1e-5)
+    assert shared.reshape(4, 5).std(0).min() > 0  # the draws differ
 
 
 # --- priors on tiny image models ----------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""Boot Prefect's temporary API server in the background while `ae-repr run` imports and loads its data.
+
+Without a configured API (`PREFECT_API_URL`), Prefect starts a temporary server the first time the flow
+needs a client: a subprocess that takes seconds to boot, idle time of the whole run. Started from a
+thread at the beginning instead, the boot overlaps the imports and the data loading. It is the same
+server Prefect would start (`SubprocessASGIServer` is one instance per process), stopped by Prefect at exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+STARTUP_TIMEOUT_S = 120  # Prefect's 20 s default is too short on a busy 2-core machine; the variable wins
+
+
+def startup_timeout() -> int:
+    """Seconds the temporary server may take to answer its health check."""
+    return int(os.environ.get(STARTUP_TIMEOUT_ENV, STARTUP_TIMEOUT_S))
+
+
+def _start(server: object) -> None:
+    try:
+        server.start(timeout=startup_timeout())  # type: ignore[attr-defined]
+    except Exception as e:  # the flow starts it again and reports the failure where it matters
+        log.debug("early start of the temporary Prefect API failed: %s", e)
+
+
+@contextmanager
+def api_booting() -> Iterator[Callable[[], None]]:
+    """Start booting the temporary API now; yields `wait`, which returns once the server answers (or failed).
+
+    Call `wait` before the flow: Prefect marks the server running before it answers. Leaving the block
+    waits too, so no start is in flight when the process exits. The server module is imported here, in
+    the calling thread: imported from the boot thread it would share the interpreter with the caller's
+    imports and spawn the server seconds later.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        yield lambda: None  # a configured server, or none allowed: nothing to boot
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    thread = threading.Thread(target=_start, args=(SubprocessASGIServer(),), name="prefect-api-boot", daemon=True)
+    thread.start()
+    try:
+        yield thread.join
+    finally:
+        thread.join()
