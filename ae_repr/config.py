@@ -97,6 +97,9 @@ class TrainConfig(_Frozen):
     free_bits: float = Field(0.0, ge=0)  # per-dimension KL floor in nats
     device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout_s: float = Field(3600, gt=0)  # a training task taking longer fails
+    # resumable state is saved after an epoch once this many seconds passed since the last save (0: every
+    # epoch): a kill loses at most this much work, and short epochs do not pay a write each (~2% of training)
+    checkpoint_every_s: float = Field(10.0, ge=0)
 
 
 class EvalConfig(_Frozen):

@@ -54,11 +54,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+OPERATIONAL = {"timeout_s", "checkpoint_every_s"}  # training settings that leave the trained model unchanged
+
+
 def training_key(variant: str, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int, data_sha: str) -> str:
     """Identity of one training job: a checkpoint or model is reused only when this matches."""
     from .io import sha256_bytes
 
-    payload = repr((variant, model_cfg.model_dump(mode="json"), train_cfg.model_dump(mode="json"), seed, data_sha))
+    train = train_cfg.model_dump(mode="json", exclude=OPERATIONAL)
+    payload = repr((variant, model_cfg.model_dump(mode="json"), train, seed, data_sha))
     return sha256_bytes(payload.encode())
 
 
@@ -126,6 +130,7 @@ def train_variant(
         stale.unlink(missing_ok=True)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=tc.epochs, initial=state.epoch, desc=variant, unit="epoch", disable=not show, leave=False)
+    saved_at = time.perf_counter()
     while state.epoch < tc.epochs and state.bad_epochs < tc.patience:
         epoch = state.epoch + 1
         started = time.perf_counter()
@@ -158,7 +163,9 @@ def train_variant(
             state.bad_epochs += 1
         state.epoch = epoch
         state.history.append(record)
-        _save_checkpoint(model_dir / CHECKPOINT, key, model, optimizer, scheduler, state)
+        if time.perf_counter() - saved_at >= tc.checkpoint_every_s:
+            _save_checkpoint(model_dir / CHECKPOINT, key, model, optimizer, scheduler, state)
+            saved_at = time.perf_counter()
         if log_fn is not None:
             log_fn({k: v for k, v in record.items() if k != "epoch"}, epoch)
         bar.update(1)

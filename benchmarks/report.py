@@ -20,8 +20,12 @@ def _goals(r: dict[str, Any]) -> list[str]:
     rows = ["| goal | per CPU-second | per wall second | status (met = on both clocks) |", "|---|---|---|---|"]
     t = r.get("trainer_vs_bare", {})
     if "cases" in t:
-        rows.append(f"| trainer / bare loop >= 0.95, every variant, MLP and conv | smallest {t['min_ratio']:.3f} | "
-                    f"smallest {t['min_ratio_wall']:.3f} | {_both(t['min_ratio'] >= 0.95, t['min_ratio_wall'] >= 0.95)} |")
+        rows.append(f"| trainer / bare loop >= 0.95, every variant, MLP and conv (same work) | smallest "
+                    f"{t['min_ratio']:.3f} | smallest {t['min_ratio_wall']:.3f} | "
+                    f"{_both(t['min_ratio'] >= 0.95, t['min_ratio_wall'] >= 0.95)} |")
+        rows.append(f"| the same, trainer with its default 10% validation pass (more work) | smallest "
+                    f"{t['min_with_validation']:.3f} | smallest {t['min_with_validation_wall']:.3f} | "
+                    f"{_both(t['min_with_validation'] >= 0.95, t['min_with_validation_wall'] >= 0.95)} |")
     f = r.get("flops", {})
     if "cpu" in f:
         rows.append(f"| MLP VAE training FLOP/s >= 50% of fp32 matmul peak | {f['cpu']['fraction']:.1%} executed FLOPs "
@@ -59,12 +63,14 @@ def _goals(r: dict[str, Any]) -> list[str]:
 
 def _trainer(t: dict[str, Any]) -> list[str]:
     rows = ["| variant | backbone | trainer rows/CPU-s | bare rows/CPU-s | ratio (CPU) | ratio (wall) | "
-            "vs bare + stock AdamW (CPU / wall) |", "|---|---|---|---|---|---|---|"]
+            "with the 10% validation pass (CPU / wall) | vs bare + stock AdamW (CPU / wall) |",
+            "|---|---|---|---|---|---|---|---|"]
     for c in t["cases"]:
         cpu, wall = c["cpu"], c["wall"]
         stock = (f"{cpu['vs_stock_adamw']:.3f} / {wall['vs_stock_adamw']:.3f}" if "vs_stock_adamw" in cpu else "")
         rows.append(f"| {c['variant']} | {c['backbone']} | {cpu['trainer']:,.0f} | {cpu['bare']:,.0f} | "
-                    f"{cpu['ratio']:.3f} | {wall['ratio']:.3f} | {stock} |")
+                    f"{cpu['ratio']:.3f} | {wall['ratio']:.3f} | {cpu['with_validation']:.3f} / "
+                    f"{wall['with_validation']:.3f} | {stock} |")
     return rows
 
 
@@ -100,8 +106,11 @@ def render(r: dict[str, Any]) -> str:
                 "Random binary 28x28 uint8 images (MLP: 20k rows, 784-512-16; conv: 6k rows, channels 32, 64; "
                 f"latent 16), batch 128, 2 epochs, {len(t['cases'][0]['rounds']['trainer'])} rounds. The bare loop uses the trainer's optimizer (fused "
                 "AdamW) and memory format (channels-last conv weights) and times only its loop; the trainer is timed from the call to the saved model "
-                "(validation on 10% of rows each epoch, checkpoint with optimizer state, best-weights copy, "
-                "history, final save). The last column compares the trainer with a bare loop as a minimal "
+                "(normalizer fit, LR schedule, loss terms, best-weights copy, history, checkpoints at most every "
+                "`train.checkpoint_every_s`, final save). The ratio columns give both sides the same work (no validation split); "
+                "the next column is the trainer as configured by default, holding out 10% of the rows and running a "
+                "validation pass over them each epoch for early stopping, against the same bare loop (rows per second "
+                "of training rows). The last column compares the trainer with a bare loop as a minimal "
                 "script writes it (stock `torch.optim.AdamW`, default memory format).", "", *_trainer(t), ""]
     f = r.get("flops", {})
     if "cpu" in f:

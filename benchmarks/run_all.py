@@ -27,7 +27,7 @@ from _common import dump, machine, say
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ["ae", "dae", "vae", "beta_vae", "vq_vae", "hier_vae"]
-ROUNDS = 4  # full run, trainer vs bare: per-case CPU-clock noise is a few percent on a shared machine
+ROUNDS = 3  # full run, trainer vs bare (three sides each): per-case CPU-clock noise is a few percent
 
 
 def attempt(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -46,9 +46,7 @@ def trainer_cases(quick: bool) -> dict[str, Any]:
         return trainer_vs_bare.run(trainer_vs_bare.QUICK_VARIANTS.split(","), ["mlp", "conv"], 3, 2, scale=0.5)
     first = trainer_vs_bare.run(["vae"], ["mlp", "conv"], ROUNDS, 2, stock_adamw=True)
     rest = trainer_vs_bare.run([v for v in VARIANTS if v != "vae"], ["mlp", "conv"], ROUNDS, 2)
-    cases = first["cases"] + rest["cases"]
-    return {"cases": cases, "min_ratio": min(c["cpu"]["ratio"] for c in cases),
-            "min_ratio_wall": min(c["wall"]["ratio"] for c in cases)}
+    return trainer_vs_bare.summarize(first["cases"] + rest["cases"])
 
 
 def main() -> int:

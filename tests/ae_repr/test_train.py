@@ -12,6 +12,7 @@ import torch
 from ae_repr.checkpoint import load_model
 from ae_repr.config import ExperimentConfig
 from ae_repr.data.dataset import make_dataset
+from ae_repr.io import read_json
 from ae_repr.train import train_variant
 
 VARIANTS = ("vae", "vq_vae", "hier_vae")  # the ones that draw random numbers while training
@@ -59,3 +60,22 @@ def test_variants_trained_side_by_side_match_variants_trained_alone(tmp_path: Pa
         assert alone.keys() == together.keys()
         for k in alone:
             assert torch.equal(alone[k], together[k]), f"{v}: {k} differs between a lone and a side-by-side run"
+
+
+def test_checkpoints_are_written_at_most_every_checkpoint_every_s(tmp_path: Path) -> None:
+    """0 s: resumable state after every epoch; a long interval: none during a short training. Either way the
+    trained model is the same (same training key: the setting is operational) and the checkpoint is gone."""
+    data = _data()
+    seen: dict[float, list[bool]] = {}
+    for every in (0.0, 1e9):
+        cfg = _cfg().model_copy(update={"train": _cfg().train.model_copy(update={"checkpoint_every_s": every})})
+        mdir = tmp_path / f"every_{every:g}"
+        seen[every] = []
+        res = train_variant("vae", data, cfg, mdir,
+                            log_fn=lambda rec, epoch, d=mdir, s=seen[every]: s.append((d / "checkpoint.pt").is_file()))
+        assert not (mdir / "checkpoint.pt").exists() and len(res.history) == 3
+    assert seen == {0.0: [True, True, True], 1e9: [False, False, False]}
+    a, b = _weights(tmp_path / "every_0"), _weights(tmp_path / "every_1e+09")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    desc = [read_json(tmp_path / d / "config.json")["training_key"] for d in ("every_0", "every_1e+09")]
+    assert desc[0] == desc[1]

@@ -61,7 +61,7 @@ EPOCHS = 12
 
 
 def test_sigkill_during_training_resumes_from_the_checkpoint(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "train.yaml", {"train": {"batch_size": 64}})
+    cfg = write_config(tmp_path / "train.yaml", {"train": {"batch_size": 64, "checkpoint_every_s": 0}})
     out = tmp_path / "run"
     mdir = out / "models" / "vae"
     args = ["train", "--variant", "vae", "--dataset", "digits", "--config", cfg, "--epochs", str(EPOCHS),
