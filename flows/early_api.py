@@ -25,9 +25,9 @@ def startup_timeout() -> int:
     return int(os.environ.get(STARTUP_TIMEOUT_ENV, STARTUP_TIMEOUT_S))
 
 
-def _start(server: object) -> None:
+def _start(start: Callable[..., None]) -> None:
     try:
-        server.start(timeout=startup_timeout())  # type: ignore[attr-defined]
+        start(timeout=startup_timeout())
     except Exception as e:  # the flow starts it again and reports the failure where it matters
         log.debug("early start of the temporary Prefect API failed: %s", e)
 
@@ -48,7 +48,7 @@ def api_booting() -> Iterator[Callable[[], None]]:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
-    thread = threading.Thread(target=_start, args=(SubprocessASGIServer(),), name="prefect-api-boot", daemon=True)
+    thread = threading.Thread(target=_start, args=(SubprocessASGIServer().start,), name="prefect-api-boot", daemon=True)
     thread.start()
     try:
         yield thread.join
