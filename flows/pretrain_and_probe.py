@@ -2,7 +2,8 @@
 
 data → for each variant in parallel: train → extract → evaluate (probes, few-shot, reduction and the
 applications); baselines → evaluate; the applications' model-free references; optionally a beta sweep
-for the rate-distortion curve; then summary and report. Tasks exchange paths and small dicts only; MLflow tracking goes through `flows.tracking`.
+for the rate-distortion curve; then summary and report. Tasks exchange paths and small dicts only;
+MLflow tracking goes through `flows.tracking`.
 """
 
 from __future__ import annotations

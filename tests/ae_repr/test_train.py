@@ -68,7 +68,8 @@ def test_checkpoints_are_written_at_most_every_checkpoint_every_s(tmp_path: Path
     data = _data()
     seen: dict[float, list[bool]] = {}
     for every in (0.0, 1e9):
-        cfg = _cfg().model_copy(update={"train": _cfg().train.model_copy(update={"checkpoint_every_s": every})})
+        cfg = _cfg()
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_every_s": every})})
         mdir = tmp_path / f"every_{every:g}"
         seen[every] = []
         res = train_variant("vae", data, cfg, mdir,
