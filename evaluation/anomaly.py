@@ -32,7 +32,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from ae_repr.checkpoint import LoadedModel, load_model
 from ae_repr.config import ExperimentConfig, ModelsConfig
 from ae_repr.data.dataset import make_dataset
-from ae_repr.models import Autoencoder
+from ae_repr.models import Autoencoder, inference_copy
 from ae_repr.train import train_variant
 
 from .context import AppContext, Family, TaskOutput
@@ -81,7 +81,7 @@ def anomaly(ctx: AppContext) -> TaskOutput:
     with work as directory:
         loaded = retrain_on_normal(ctx, normal_train, test, Path(directory) / "anomaly_model", epochs)
         x = loaded.normalizer.torch(torch.from_numpy(np.ascontiguousarray(ctx.x_raw[test])))
-        scores = model_scores(loaded.model, x, ctx.family, seed=ctx.seed)
+        scores = model_scores(inference_copy(loaded.model), x, ctx.family, seed=ctx.seed)
     note = (
         f"{ctx.name}: anomaly classes {list(anomalous)}; score: {_SCORE_NAMES[ctx.family]} of the "
         f"{ctx.loaded.variant} retrained on the normal classes ({loaded.meta.get('epochs_run', epochs)} "

@@ -9,7 +9,7 @@ normalized by a normalizer fitted on the train rows, as the model's own normaliz
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +21,7 @@ from ae_repr.checkpoint import LoadedModel
 from ae_repr.config import EvalConfig, TrainConfig
 from ae_repr.data import Normalizer
 from ae_repr.io import FeatureFile
-from ae_repr.models import Autoencoder
+from ae_repr.models import Autoencoder, inference_copy
 from ae_repr.models.hier_vae import HierVAE
 from ae_repr.models.vae import VAE
 from ae_repr.models.vq_vae import VQVAE
@@ -108,6 +108,8 @@ def make_context(
     work_dir: Path | None = None,
 ) -> AppContext:
     """The context of one feature file: raw samples and factors from its data set, aligned by sample_id."""
+    if loaded is not None:  # the tasks only run the model forward: small convs as matrix products
+        loaded = replace(loaded, model=inference_copy(loaded.model))
     ds, pos = dataset_of(ff)
     x = ds.x[pos]
     normalizer = loaded.normalizer if loaded is not None else Normalizer.fit(x[split_mask(ff, "train")])

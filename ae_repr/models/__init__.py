@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .ae import AE
+from .backbones import inference_copy
 from .base import Autoencoder, Corruption, ModelConfig
 from .hier_vae import HierVAE
 from .vae import VAE
@@ -60,4 +61,13 @@ def build_model(
         return cls(cfg, input_shape, likelihood)
 
 
-__all__ = ["REGISTRY", "Autoencoder", "Corruption", "ModelConfig", "build_model", "model_config", "module_init"]
+__all__ = [
+    "REGISTRY",
+    "Autoencoder",
+    "Corruption",
+    "ModelConfig",
+    "build_model",
+    "inference_copy",
+    "model_config",
+    "module_init",
+]

@@ -1,17 +1,23 @@
 """Encoder and decoder networks shared by every variant: an MLP for flat inputs and a small
 stride-2 conv stack for images. Decoders return the likelihood's RAW output (logits for Bernoulli,
 values for Gaussian) shaped like the input; the models turn it into a mean (`likelihood_mean`).
+`inference_copy` freezes a trained model's small convs into matrix products for evaluation.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import ModelConfig
+from .base import Autoencoder, ModelConfig
+
+M = TypeVar("M", bound=Autoencoder)
 
 Activation = nn.SiLU  # smooth: kinder than ReLU to small VAEs (no dead units), same cost here
 
@@ -86,3 +92,64 @@ def make_decoder(in_dim: int, input_shape: tuple[int, ...], cfg: ModelConfig) ->
     if (h0 << len(chans), w0 << len(chans)) != (h, w):
         layers.append(_Crop(h, w))
     return nn.Sequential(*layers)
+
+
+
+class DenseConv(nn.Module):
+    """A trained conv layer frozen into one matrix product on flattened inputs: the same affine map, read
+    off the layer by pushing the standard basis of its input shape through it. On small images this beats
+    oneDNN's conv kernels (the 8x8 conv decoder decodes about 3x faster); the matrix has in x out
+    elements, so `inference_copy` keeps the convs of large images."""
+
+    def __init__(self, layer: nn.Module, in_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        n, device = math.prod(in_shape), layer.weight.device
+        with torch.no_grad():
+            bias = layer(torch.zeros(1, *in_shape, device=device))  # (1, *out_shape)
+            weight = layer(torch.eye(n, device=device).reshape(n, *in_shape)) - bias  # row i: basis vector i's image
+        self.out_shape = tuple(bias.shape[1:])
+        self.register_buffer("weight", weight.reshape(n, -1).contiguous())  # (in, out)
+        self.register_buffer("bias", bias.reshape(-1).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(len(x), -1), self.weight).reshape(len(x), *self.out_shape)
+
+
+
+def inference_copy(model: M, max_entries: int = 1 << 20) -> M:
+    """A copy of a trained model for inference only (its weights frozen as they are now) in which every
+    conv layer whose dense matrix has at most `max_entries` elements is a `DenseConv`; the model itself
+    when there is none. Outputs equal the model's up to float rounding. Layers and their shapes are
+    found by one `reconstruct` of a zero input; a layer seen with several input shapes stays a conv."""
+    seen: dict[str, set[tuple[tuple[int, ...], int]]] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(layer: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            seen.setdefault(name, set()).add((tuple(args[0].shape[1:]), out[0].numel()))
+
+        return record
+
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)}
+    if not convs:
+        return model
+    hooks = [m.register_forward_hook(recorder(name)) for name, m in convs.items()]
+    device = next(iter(convs.values())).weight.device
+    try:
+        with torch.no_grad():
+            model.reconstruct(torch.zeros(1, *model.input_shape, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    small = {}
+    for name, shapes in seen.items():
+        (in_shape, out_numel), *others = shapes
+        if not others and math.prod(in_shape) * out_numel <= max_entries:
+            small[name] = in_shape
+    if not small:
+        return model
+    model = copy.deepcopy(model)
+    for name, in_shape in small.items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, DenseConv(owner.get_submodule(child), in_shape))
+    return model

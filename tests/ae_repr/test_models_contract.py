@@ -3,6 +3,7 @@ save/load, strict config. New variants are covered by adding them to the registr
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,8 @@ from pydantic import ValidationError
 from ae_repr.checkpoint import load_model, save_model
 from ae_repr.data.dataset import Normalizer
 from ae_repr.errors import ConfigError
-from ae_repr.models import REGISTRY, Autoencoder, build_model, model_config
-from ae_repr.models.backbones import make_decoder, make_encoder
+from ae_repr.models import REGISTRY, Autoencoder, build_model, inference_copy, model_config
+from ae_repr.models.backbones import DenseConv, make_decoder, make_encoder
 
 SHAPES = [(64,), (1, 8, 8)]
 CASES = [(v, s) for v in REGISTRY for s in SHAPES] + [("vae", (1, 28, 28)), ("vq_vae", (1, 28, 28))]
@@ -131,3 +132,47 @@ def test_backbone_choice() -> None:
     assert isinstance(make_encoder((1, 8, 8), 4, model_config("ae", backbone="mlp"))[0], torch.nn.Flatten)
     with pytest.raises(ConfigError, match="needs image inputs"):
         make_encoder((64,), 4, model_config("ae", backbone="conv"))
+
+
+def _convs(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("variant", list(REGISTRY))
+def test_inference_copy_computes_the_same_map(variant: str) -> None:
+    shape = (1, 9, 7)  # odd sizes: the decoder crops, the encoder rounds up
+    model = _model(variant, shape).eval()
+    with torch.no_grad():  # VQ's codebook is initialized from the first training batch
+        model.train().loss(_x(shape, seed=1))
+    model.eval()
+    fast = inference_copy(model)
+    assert _convs(model) == 4 and _convs(fast) == 0  # every conv became a matrix; the original is untouched
+    assert sum(isinstance(m, DenseConv) for m in fast.modules()) == 4
+    x = _x(shape)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.encode(x), model.encode(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.reconstruct(x), model.reconstruct(x), rtol=1e-5, atol=1e-6)
+        if variant in GENERATIVE:
+            lw = [m.log_weight(x, torch.Generator().manual_seed(3), draws=4) for m in (model, fast)]
+            torch.testing.assert_close(lw[1], lw[0], rtol=1e-5, atol=1e-4)
+
+
+def test_dense_conv_matches_either_layer_in_channels_last() -> None:
+    torch.manual_seed(0)
+    for layer, shape in ((torch.nn.Conv2d(3, 5, 3, stride=2, padding=1), (3, 6, 5)),
+                         (torch.nn.ConvTranspose2d(4, 2, 4, stride=2, padding=1), (4, 3, 3))):
+        layer = layer.to(memory_format=torch.channels_last)  # as the trainer stores conv weights
+        x = torch.randn(7, *shape).to(memory_format=torch.channels_last)
+        dense = DenseConv(layer, shape)
+        torch.testing.assert_close(dense(x), layer(x), rtol=1e-5, atol=1e-6)
+        assert dense.weight.shape == (math.prod(shape), layer(x[:1]).numel())
+
+
+def test_inference_copy_keeps_large_convs() -> None:
+    model = _model("vae", (1, 64, 64)).eval()
+    assert inference_copy(model) is model  # 4096 x 8192 entries for the first conv alone: above the bound
+    cfg = model_config("vae", latent_dim=8, channels=(2, 32))
+    model = build_model("vae", cfg, (1, 16, 16), "bernoulli", seed=0).eval()
+    # 256 -> 2x8x8 and back: 32,768 entries each; 2x8x8 -> 32x4x4 and back: 65,536 each
+    partly = inference_copy(model, max_entries=40_000)
+    assert _convs(partly) == 2 and isinstance(partly.encoder[0], DenseConv) and isinstance(partly.decoder[5], DenseConv)
