@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import shutil
@@ -297,5 +298,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def console() -> None:
+    """The `ae-repr` console script: `main`, then exit without the garbage collector's final passes.
+
+    At interpreter teardown the collector walks every object torch, Prefect and MLflow created: 1.5 to 3 s
+    after a run on 2 cores. Frozen objects are skipped; exit handlers still run, files are already closed.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
