@@ -27,7 +27,7 @@ from ae_repr.config import EvalConfig
 from ae_repr.errors import UserError
 from ae_repr.io import FeatureFile, write_features
 
-from .inputs import BASELINE_NAMES, load_feature_dir, raw_inputs, single_thread, split_mask
+from .inputs import BASELINE_NAMES, load_feature_dir, load_feature_file, raw_inputs, single_thread, split_mask
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,18 @@ def fit_baseline(name: str, k: int, x: np.ndarray, train: np.ndarray, *, seed: i
     return z
 
 
-def write_baselines(features_dir: Path, cfg: EvalConfig, *, seed: int = 0) -> list[Path]:
-    """Write `features_dir/<baseline>.parquet` for each of `cfg.baselines`, matched to the learned files."""
+def write_baselines(
+    features_dir: Path, cfg: EvalConfig, *, seed: int = 0, reference: Path | None = None
+) -> list[Path]:
+    """Write `features_dir/<baseline>.parquet` for each of `cfg.baselines`, matched to a learned file:
+    `reference` (a run's own file: the folder may still hold an earlier run's, of another width), else
+    the first of the folder's learned files, which must then agree on rows, split and width."""
     for name in cfg.baselines:
         if name not in BASELINE_NAMES:
             raise UserError(
                 f"unknown baseline {name!r} in eval.baselines; choose from {', '.join(BASELINE_NAMES)}"
             )
-    learned = load_feature_dir(features_dir, learned_only=True)
-    ref = learned[0]
+    ref = load_feature_file(reference) if reference is not None else load_feature_dir(features_dir, learned_only=True)[0]
     k = len(ref.z_columns)
     raw = raw_inputs(ref)
     train = split_mask(ref, "train")

@@ -221,9 +221,10 @@ def extract_task(variant: str, cfg: ExperimentConfig, out: str, model_dir: str, 
 
 @task(name="baselines", retries=2, retry_delay_seconds=[1, 5])
 def baselines_task(cfg: ExperimentConfig, out: str, features: list[str]) -> list[str]:
-    """Write the baseline feature files (raw, PCA, ICA, random projection) at the same width."""
+    """Write the baseline feature files (raw, PCA, ICA, random projection) at the width of this run's features."""
     with CLOCK.phase("evaluation"):
-        return [str(p) for p in write_baselines(Path(out) / "features", cfg.eval, seed=cfg.seed)]
+        paths = write_baselines(Path(out) / "features", cfg.eval, seed=cfg.seed, reference=Path(features[0]))
+        return [str(p) for p in paths]
 
 
 @task(name="evaluate", persist_result=True, cache_key_fn=_evaluate_key, task_run_name="evaluate-{name}")

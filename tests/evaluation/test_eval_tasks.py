@@ -159,3 +159,13 @@ def test_unknown_baseline_is_a_user_error(tmp_path, synth):
     write_ff(tmp_path / "features" / "vae.parquet", synth, _onehot_noise(synth))
     with pytest.raises(UserError, match="unknown baseline 'umap'"):
         write_baselines(tmp_path / "features", EvalConfig(baselines=("pca", "umap")))
+
+
+def test_baselines_follow_the_reference_file_past_an_earlier_runs_leftover(tmp_path, synth):
+    features = tmp_path / "features"
+    current = write_ff(features / "vae.parquet", synth, _onehot_noise(synth))  # this run: width 4
+    write_ff(features / "ae.parquet", synth, np.zeros((len(synth.y), 2), np.float32))  # an earlier run's, width 2
+    with pytest.raises(UserError, match="disagree on latent width"):
+        write_baselines(features, EvalConfig(baselines=("pca",)))
+    (path,) = write_baselines(features, EvalConfig(baselines=("pca",)), reference=current)
+    assert len(read_features(path).z_columns) == 4

@@ -7,6 +7,7 @@ test runs its own. Tracking is off here (tests/flows/test_tracking.py covers MLf
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 import flows.pretrain_and_probe as fp
 from ae_repr.config import ExperimentConfig, load_config, validate_config
-from ae_repr.io import read_json
+from ae_repr.io import read_features, read_json
 
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ("ae", "vae")
@@ -154,6 +155,17 @@ def test_rerun_is_served_from_cache_and_deleted_outputs_are_recomputed(first_run
     assert states["extract-vae"] == "Completed", states
     assert (out / "features" / "vae.parquet").is_file()
     assert (out / "models" / "vae" / "model.pt").stat().st_mtime_ns == before["vae"]
+
+
+def test_rerun_with_fewer_variants_at_another_width_ignores_the_earlier_features(first_run, tmp_path):
+    """An earlier run's feature files stay in the folder; baselines and the summary follow this run's."""
+    out, _ = first_run
+    shutil.copytree(out / "features", tmp_path / "features")  # ae.parquet and vae.parquet, 8-d
+    state = fp.pretrain_and_probe(config=tiny_config().with_overrides(variants=["vae"], latent_dim=4),
+                                  out=str(tmp_path), return_state=True)
+    assert state.is_completed(), state.message
+    assert len(read_features(tmp_path / "features" / "pca.parquet").z_columns) == 4
+    assert sorted(linear_probe(tmp_path).index) == ["pca", "vae"]
 
 
 def test_cache_keys_follow_what_a_model_depends_on(tmp_path):
