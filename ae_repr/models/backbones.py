@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -94,7 +93,6 @@ def make_decoder(in_dim: int, input_shape: tuple[int, ...], cfg: ModelConfig) ->
     return nn.Sequential(*layers)
 
 
-
 class DenseConv(nn.Module):
     """A trained conv layer frozen into one matrix product on flattened inputs: the same affine map, read
     off the layer by pushing the standard basis of its input shape through it. On small images this beats
@@ -115,25 +113,21 @@ class DenseConv(nn.Module):
         return torch.addmm(self.bias, x.reshape(len(x), -1), self.weight).reshape(len(x), *self.out_shape)
 
 
-
 def inference_copy(model: M, max_entries: int = 1 << 20) -> M:
     """A copy of a trained model for inference only (its weights frozen as they are now) in which every
     conv layer whose dense matrix has at most `max_entries` elements is a `DenseConv`; the model itself
     when there is none. Outputs equal the model's up to float rounding. Layers and their shapes are
     found by one `reconstruct` of a zero input; a layer seen with several input shapes stays a conv."""
-    seen: dict[str, set[tuple[tuple[int, ...], int]]] = {}
-
-    def recorder(name: str) -> Callable[..., None]:
-        def record(layer: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            seen.setdefault(name, set()).add((tuple(args[0].shape[1:]), out[0].numel()))
-
-        return record
-
-    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)}
+    convs = {m: name for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)}
     if not convs:
         return model
-    hooks = [m.register_forward_hook(recorder(name)) for name, m in convs.items()]
-    device = next(iter(convs.values())).weight.device
+    seen: dict[str, set[tuple[tuple[int, ...], int]]] = {}  # layer name -> {(input shape, output size)}
+
+    def record(layer: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        seen.setdefault(convs[layer], set()).add((tuple(args[0].shape[1:]), out[0].numel()))
+
+    hooks = [m.register_forward_hook(record) for m in convs]
+    device = next(iter(convs)).weight.device
     try:
         with torch.no_grad():
             model.reconstruct(torch.zeros(1, *model.input_shape, device=device))
