@@ -11,10 +11,10 @@ stopping), shows what that extra forward pass costs on top (`with_validation`). 
 rows x epochs / wall seconds: the trainer's clocks run from the call to the saved model, the bare
 loop's only around its loop. Two clocks: rows per CPU-second of this process (the headline: on a shared
 machine it is the stable estimate of the dedicated-machine ratio) and rows per wall second (noisy under
-load). A ratio is the
-median over rounds of trainer / bare. The last line is `trainer_vs_bare=<the smallest CPU ratio>`.
-With --stock-adamw a third side, the bare loop as a minimal script writes it (`torch.optim.AdamW`'s
-defaults, default memory format), shows what the trainer's fused optimizer and channels-last convs are worth.
+load). A ratio is the median over rounds of trainer / bare. The last line is
+`trainer_vs_bare=<the smallest CPU ratio>`. With --stock-adamw a fourth side, the bare loop as a minimal
+script writes it (`torch.optim.AdamW`'s defaults, default memory format), shows what the trainer's fused
+optimizer and channels-last convs are worth.
 """
 
 from __future__ import annotations
