@@ -25,7 +25,8 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/ae-repr run --out $(OUT)
 
-test: install
+# the MLflow UI test drives a headless browser: `browser` installs Debian's chromium when it is missing
+test: install browser
 	$(PY) -m pytest -q
 
 lint: install
