@@ -47,7 +47,7 @@ def save_model(
         "variant": variant,
         "model_config": model.cfg.model_dump(mode="json"),
         "input_shape": list(model.input_shape),
-        "likelihood": model.likelihood,
+        "likelihood": str(model.likelihood),
         "normalizer": normalizer.to_dict(),
         "weights_sha256": sha256_file(model_dir / WEIGHTS),
         **(extra or {}),

@@ -87,12 +87,19 @@ class ModelsConfig(_Frozen):
 class TrainConfig(_Frozen):
     """Optimization and schedules, shared by every variant."""
 
-    epochs: int = Field(30, ge=0)
+    # training runs until the validation objective stops improving (`patience`), within a step budget
+    # (`max_steps`); `epochs` is a cap on top of both
+    epochs: int = Field(1000, ge=0)
+    max_steps: int = Field(6000, gt=0)  # optimizer steps, the budget of one variant
     batch_size: int = Field(128, gt=0)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     val_fraction: float = Field(0.1, ge=0, lt=1)  # of the train split, for early stopping
-    patience: int = Field(8, gt=0)  # early stopping: epochs without val improvement
+    # early stopping: epochs without an improvement of `min_delta` (nats per example) in the unweighted
+    # validation objective; halfway through, the learning rate is cut by `lr_decay` (ReduceLROnPlateau)
+    patience: int = Field(20, ge=2)
+    min_delta: float = Field(0.01, ge=0)
+    lr_decay: float = Field(0.3, gt=0, lt=1)
     kl_warmup_epochs: int = Field(0, ge=0)  # KL weight ramps linearly from 0 to 1 over these epochs
     free_bits: float = Field(0.0, ge=0)  # per-dimension KL floor in nats
     device: Literal["auto", "cpu", "cuda"] = "auto"

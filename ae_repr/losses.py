@@ -1,11 +1,7 @@
-"""Shared math for every variant, written once: reconstruction likelihoods, Gaussian KLs,
-reparameterization, free bits, active units and the vector-quantization helpers.
-
-Conventions: a reconstruction loss is the negative log-likelihood summed over a sample's
-dimensions and averaged over the batch. Bernoulli: binary cross-entropy on the decoder's raw
-logits (exact NLL). Gaussian: 0.5 * ||x - x_hat||^2, the NLL of N(x_hat, I) without its constant
-D/2 * log(2*pi); `nll_constant` gives that constant so an ELBO or NLL reported from it is a proper
-log-density (see `log_likelihood`).
+"""Shared math for every variant, written once: Gaussian KLs, reparameterization, free bits, active
+units, the VAE objective's terms and the vector-quantization helpers. The observation likelihoods
+(reconstruction terms) live in `likelihoods.py`: a reconstruction loss there is the exact negative
+log-likelihood summed over a sample's dimensions and averaged over the batch.
 """
 
 from __future__ import annotations
@@ -14,37 +10,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-
-# --- reconstruction ----------------------------------------------------------------------------
-
-
-def recon_loss(output_raw: torch.Tensor, target: torch.Tensor, likelihood: str) -> torch.Tensor:
-    """Negative log-likelihood (without Gaussian constant): summed over dims, mean over the batch."""
-    batch = output_raw.shape[0]
-    if likelihood == "bernoulli":
-        return F.binary_cross_entropy_with_logits(output_raw, target, reduction="sum") / batch
-    return 0.5 * F.mse_loss(output_raw, target, reduction="sum") / batch
-
-
-def nll_constant(likelihood: str, dim: int) -> float:
-    """The constant the Gaussian recon loss leaves out (D/2 * log 2*pi); 0 for Bernoulli."""
-    return 0.5 * dim * math.log(2 * math.pi) if likelihood == "gaussian" else 0.0
-
-
-def log_likelihood(output_raw: torch.Tensor, target: torch.Tensor, likelihood: str) -> torch.Tensor:
-    """Per-sample log p(x | z), constants included, (B,): the quantity an NLL estimate needs."""
-    flat_out, flat_target = output_raw.flatten(1), target.flatten(1)  # (B, D)
-    if likelihood == "bernoulli":
-        return -F.binary_cross_entropy_with_logits(flat_out, flat_target, reduction="none").sum(1)
-    sq = 0.5 * (flat_out - flat_target).pow(2).sum(1)
-    return -(sq + nll_constant(likelihood, flat_out.shape[1]))
-
-
-def likelihood_mean(output_raw: torch.Tensor, likelihood: str) -> torch.Tensor:
-    """The likelihood's mean from the decoder's raw output: sigmoid of logits, or the values."""
-    return torch.sigmoid(output_raw) if likelihood == "bernoulli" else output_raw
-
 
 # --- Gaussian latents --------------------------------------------------------------------------
 
@@ -113,9 +78,8 @@ def vae_terms(
     *,
     weight: float,
     free_bits: float,
-    const: float,
 ) -> dict[str, torch.Tensor]:
-    """The VAE objective from its parts: total, recon, kl, elbo (with `const`), active_units."""
+    """The VAE objective from its parts: total, recon, kl, elbo (-(recon + kl), a bound on log p(x)), active_units."""
     kl = kl_dims.sum(1).mean()
     # a zero KL weight (warm-up start) leaves the KL out of the graph altogether
     total = recon + weight * kl_penalty(kl_dims, free_bits) if weight > 0 else recon
@@ -123,7 +87,7 @@ def vae_terms(
         "loss": total,
         "recon": recon.detach(),
         "kl": kl.detach(),
-        "elbo": -(recon.detach() + kl.detach() + const),
+        "elbo": -(recon.detach() + kl.detach()),
         "active_units": active_units(posterior_mean),
     }
 

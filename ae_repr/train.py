@@ -24,6 +24,7 @@ from .corruption import corrupt
 from .data.dataset import Dataset, Normalizer
 from .errors import TrainingDiverged
 from .io import atomic_path, read_json, write_json
+from .likelihoods import Likelihood, likelihood_for
 from .models import Autoencoder, ModelConfig, build_model
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,27 @@ def resolve_device(name: str) -> torch.device:
 OPERATIONAL = {"timeout_s", "checkpoint_every_s"}  # training settings that leave the trained model unchanged
 
 
+TRAINER_VERSION = 2  # raised when the same key would train a different model (2: data likelihoods, plateau stop)
+
+
 def training_key(variant: str, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int, data_sha: str) -> str:
     """Identity of one training job: a checkpoint or model is reused only when this matches."""
     from .io import sha256_bytes
 
     train = train_cfg.model_dump(mode="json", exclude=OPERATIONAL)
-    payload = repr((variant, model_cfg.model_dump(mode="json"), train, seed, data_sha))
+    payload = repr((TRAINER_VERSION, variant, model_cfg.model_dump(mode="json"), train, seed, data_sha))
     return sha256_bytes(payload.encode())
+
+
+def resolve_likelihood(requested: str, data: Dataset, train_idx: np.ndarray) -> Likelihood:
+    """The observation likelihood for `data`, from its training rows (see `likelihood_for`); ConfigError when
+    a requested kind does not fit the data."""
+    from .errors import ConfigError
+
+    try:
+        return likelihood_for(data.x[train_idx], images=data.is_image, requested=requested)
+    except ValueError as e:
+        raise ConfigError(f"models.likelihood: {e}") from None
 
 
 def split_validation(train_idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,15 +111,18 @@ def train_variant(
     device = resolve_device(tc.device)
     train_idx, val_idx = split_validation(data.train_idx, tc.val_fraction, seed)
     normalizer = Normalizer.fit(data.x[train_idx])
-    likelihood = "bernoulli" if normalizer.bounded else "gaussian"
+    likelihood = resolve_likelihood(model_cfg.likelihood, data, train_idx)
     # channels-last conv weights (4-D tensors only; MLPs are untouched): oneDNN then runs the convs without
     # layout reorders, measured 10-20% faster training and 30-40% faster validation for the conv VAE
     model = build_model(variant, model_cfg, data.shape, likelihood, seed=seed).to(device, memory_format=torch.channels_last)
     # fused: one kernel over all parameters instead of ~10 ops per tensor (~5x cheaper steps on CPU)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
-    steps_per_epoch = max(1, math.ceil(len(train_idx) / tc.batch_size))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, tc.epochs * steps_per_epoch))
+    # the LR is cut when the validation objective has stalled for half the patience; training stops at the patience
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=tc.lr_decay, patience=max(1, tc.patience // 2 - 1), threshold=tc.min_delta,
+        threshold_mode="abs",
+    )
 
     state = _State(best_val=math.inf, best_epoch=0, bad_epochs=0, best_weights=None, history=[], epoch=0)
     resumed_from = _resume(model_dir / CHECKPOINT, key, model, optimizer, scheduler, state)
@@ -117,6 +135,7 @@ def train_variant(
     tr = torch.as_tensor(train_idx, device=device)
     va = torch.as_tensor(val_idx, device=device)
     gen = torch.Generator(device=device)
+    val_gen = torch.Generator(device=device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     # [0, 1] data (binary images) needs no arithmetic: only the per-batch float conversion
@@ -129,9 +148,9 @@ def train_variant(
     for stale in model_dir.glob(".*.tmp"):  # torn atomic writes of a killed run: never renamed, never needed
         stale.unlink(missing_ok=True)
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=tc.epochs, initial=state.epoch, desc=variant, unit="epoch", disable=not show, leave=False)
+    bar = tqdm(total=tc.max_steps, initial=state.steps, desc=variant, unit="step", disable=not show, leave=False)
     saved_at = time.perf_counter()
-    while state.epoch < tc.epochs and state.bad_epochs < tc.patience:
+    while _stop_reason(state, tc) is None:
         epoch = state.epoch + 1
         started = time.perf_counter()
         gen.manual_seed(seed * 100_003 + epoch)  # each epoch's shuffle and noise depend only on (seed, epoch)
@@ -139,28 +158,34 @@ def train_variant(
                     "free_bits": tc.free_bits}
         model.train()
         sums = _Sums()
-        for idx in tr[torch.randperm(len(tr), generator=gen, device=device)].split(tc.batch_size):
+        batches = tr[torch.randperm(len(tr), generator=gen, device=device)].split(tc.batch_size)
+        for idx in batches[: tc.max_steps - state.steps]:  # the budget may end mid-epoch
             xb = batch(idx)
             with autocast:
                 terms = model.loss(corrupt(xb, model_cfg.corruption, gen), target=xb, generator=gen, **schedule)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             optimizer.step()
-            scheduler.step()
             sums.add(terms, len(idx))
+        state.steps += min(len(batches), tc.max_steps - state.steps)
         record = {f"train/{k}": v for k, v in sums.means().items()}
-        record.update({f"val/{k}": v for k, v in _evaluate(model, batch, va, tc.batch_size, autocast, schedule,
-                                                             gen).items()})
+        # validation scores the unweighted objective (no warm-up, no free bits: comparable across epochs) with
+        # the same posterior draws every epoch, so a change is the model's and not the draws'
+        val_gen.manual_seed(seed)
+        record.update({f"val/{k}": v for k, v in _evaluate(model, batch, va, tc.batch_size, autocast,
+                                                             UNWEIGHTED, val_gen).items()})
         bad = [k for k, v in record.items() if not math.isfinite(v)]
         if bad:
             raise TrainingDiverged(f"{variant}: non-finite {bad[0]} at epoch {epoch}; lower train.lr or check the data")
-        record.update(epoch=epoch, lr=scheduler.get_last_lr()[0], epoch_time_s=time.perf_counter() - started)
-        val_loss = record.get("val/loss", record["train/loss"])
-        if val_loss < state.best_val - 1e-6:
+        val_loss = _objective(record, "val" if len(va) else "train")
+        record.update(epoch=epoch, step=state.steps, lr=optimizer.param_groups[0]["lr"],
+                      epoch_time_s=time.perf_counter() - started)
+        if val_loss < state.best_val - tc.min_delta:
             state.best_val, state.best_epoch, state.bad_epochs = val_loss, epoch, 0
             state.best_weights = _copy_weights(model, state.best_weights)
         else:
             state.bad_epochs += 1
+        scheduler.step(val_loss)
         state.epoch = epoch
         state.history.append(record)
         if time.perf_counter() - saved_at >= tc.checkpoint_every_s:
@@ -168,9 +193,13 @@ def train_variant(
             saved_at = time.perf_counter()
         if log_fn is not None:
             log_fn({k: v for k, v in record.items() if k != "epoch"}, epoch)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['train/loss']:.4g}", val=f"{val_loss:.4g}")
+        bar.update(state.steps - bar.n)
+        bar.set_postfix(epoch=epoch, loss=f"{record['train/loss']:.4g}", val=f"{val_loss:.4g}")
     bar.close()
+    stopped_on = _stop_reason(state, tc)
+    best = state.history[state.best_epoch - 1] if state.best_epoch else {}
+    log.info("%s: stopped on %s after %d steps (%d epochs); best epoch %d, val objective %.4g", variant, stopped_on,
+             state.steps, state.epoch, state.best_epoch, state.best_val)
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)
     train_time = sum(h["epoch_time_s"] for h in state.history)
@@ -182,8 +211,12 @@ def train_variant(
         "config_sha256": cfg.sha256(),
         "seed": seed,
         "epochs_run": state.epoch,
+        "steps": state.steps,
+        "stopped_on": stopped_on,  # plateau | budget (max_steps) | epochs (the cap)
         "best_epoch": state.best_epoch,
-        "early_stopped": state.epoch < tc.epochs,
+        # the kept weights' validation terms (unweighted objective; elbo for the VAE family, nats per example)
+        "best_val": {k.removeprefix("val/"): v for k, v in best.items() if k.startswith("val/")},
+        "early_stopped": stopped_on == "plateau",
         "train_time_s": train_time,
         "train_config": tc.model_dump(mode="json"),
         "device": str(device),
@@ -219,6 +252,29 @@ class _State:
     best_weights: dict[str, torch.Tensor] | None
     history: list[dict[str, float]]
     epoch: int  # epochs completed
+    steps: int = 0  # optimizer steps taken
+
+
+UNWEIGHTED = {"kl_weight": 1.0, "free_bits": 0.0}  # the schedule under which validation scores the objective
+
+
+def _objective(record: dict[str, float], split: str) -> float:
+    """What early stopping and the kept weights go by: the negative ELBO where the model has one (the VAE family,
+    beta_vae included: a likelihood bound, whatever the KL weight trained), else the reconstruction NLL (not the
+    VQ-VAE's codebook and commitment terms, which grow with the encoder's scale), else the loss."""
+    for key, sign in (("elbo", -1.0), ("recon", 1.0), ("loss", 1.0)):
+        if f"{split}/{key}" in record:
+            return sign * record[f"{split}/{key}"]
+    raise KeyError(f"no {split} loss terms in {sorted(record)}")
+
+
+def _stop_reason(state: _State, tc: TrainConfig) -> str | None:
+    """Why training is over (plateau, budget, epochs), or None while it goes on."""
+    if state.bad_epochs >= tc.patience:
+        return "plateau"
+    if state.steps >= tc.max_steps:
+        return "budget"
+    return "epochs" if state.epoch >= tc.epochs else None
 
 
 class _Sums:
@@ -261,7 +317,7 @@ def _copy_weights(model: Autoencoder, into: dict[str, torch.Tensor] | None) -> d
 @torch.inference_mode()
 def _evaluate(model: Autoencoder, batch: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, bs: int,
               autocast: Any, schedule: dict[str, float], generator: torch.Generator) -> dict[str, float]:
-    """Mean loss terms over the validation rows (clean inputs, eval mode)."""
+    """Mean loss terms over the validation rows (clean inputs, eval mode) under `schedule`."""
     if len(idx) == 0:
         return {}
     model.eval()
@@ -284,7 +340,7 @@ def _save_checkpoint(path: Path, key: str, model: Autoencoder, optimizer: torch.
         "scheduler": scheduler.state_dict(),
         "best_weights": None if best_is_current else state.best_weights,
         "meta": {"best_val": state.best_val, "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs,
-                 "epoch": state.epoch, "history": state.history},
+                 "epoch": state.epoch, "steps": state.steps, "history": state.history},
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -309,6 +365,7 @@ def _resume(path: Path, key: str, model: Autoencoder, optimizer: torch.optim.Opt
     meta = payload["meta"]
     state.best_val, state.best_epoch = meta["best_val"], meta["best_epoch"]
     state.bad_epochs, state.epoch, state.history = meta["bad_epochs"], meta["epoch"], meta["history"]
+    state.steps = meta["steps"]
     state.best_weights = payload["best_weights"]
     if state.best_weights is None and state.best_epoch == state.epoch > 0:
         state.best_weights = payload["model"]  # saved once (see _save_checkpoint); the model holds its own copy

@@ -132,6 +132,12 @@ class Normalizer:
         """True when normalized training data lies in [0, 1] (a Bernoulli likelihood applies)."""
         return self.kind == "minmax"
 
+    def log_abs_det(self, dim: int) -> float:
+        """log |d normalized / d raw| of one sample of `dim` elements: what turns a density of normalized data
+        into a density in the data's own units (log p(x) = log p(normalize(x)) + this)."""
+        log_scale = np.log(np.abs(np.asarray(self.scale, dtype=np.float64)))
+        return float(log_scale.sum() * (dim if log_scale.ndim == 0 else 1))  # a scalar scale applies to every element
+
     def torch(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize a raw batch on its device as float32."""
         shift = torch.as_tensor(self.shift, dtype=torch.float32, device=x.device)

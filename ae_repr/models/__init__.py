@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..likelihoods import Likelihood
 from .ae import AE
 from .backbones import inference_copy
 from .base import Autoencoder, Corruption, ModelConfig
@@ -52,7 +53,12 @@ def module_init(seed: int | None = None) -> Iterator[None]:
 
 
 def build_model(
-    variant: str, cfg: ModelConfig, input_shape: tuple[int, ...], likelihood: str, *, seed: int | None = None
+    variant: str,
+    cfg: ModelConfig,
+    input_shape: tuple[int, ...],
+    likelihood: str | Likelihood,
+    *,
+    seed: int | None = None,
 ) -> Autoencoder:
     """Instantiate a registered variant for inputs of `input_shape`; with `seed`, its initial weights
     depend on the seed alone (see `module_init`)."""

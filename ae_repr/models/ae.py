@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..losses import likelihood_mean, recon_loss
+from ..likelihoods import Likelihood
 from .backbones import make_decoder, make_encoder
 from .base import Autoencoder, ModelConfig
 
@@ -25,10 +25,10 @@ class AE(Autoencoder):
 
     Config = AEConfig
 
-    def __init__(self, cfg: AEConfig, input_shape: tuple[int, ...], likelihood: str = "gaussian") -> None:
+    def __init__(self, cfg: AEConfig, input_shape: tuple[int, ...], likelihood: str | Likelihood = "gaussian") -> None:
         super().__init__(cfg, input_shape, likelihood)
         self.encoder = make_encoder(self.input_shape, cfg.latent_dim, cfg)
-        self.decoder = make_decoder(cfg.latent_dim, self.input_shape, cfg)
+        self.decoder = make_decoder(cfg.latent_dim, self.input_shape, cfg, self.likelihood.params)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The code, (B, latent_dim)."""
@@ -36,7 +36,7 @@ class AE(Autoencoder):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The likelihood mean, (B, *input_shape)."""
-        return likelihood_mean(self.decoder(z), self.likelihood)
+        return self.likelihood.mean(self.decoder(z))
 
     def loss(
         self,
@@ -47,5 +47,5 @@ class AE(Autoencoder):
         **schedule: Any,
     ) -> dict[str, torch.Tensor]:
         """Reconstruction NLL of `target` (default `x`) from `x`; KL schedules do not apply."""
-        recon = recon_loss(self.decoder(self.encoder(x)), x if target is None else target, self.likelihood)
+        recon = self.likelihood.nll(self.decoder(self.encoder(x)), x if target is None else target)
         return {"loss": recon, "recon": recon.detach()}

@@ -1,6 +1,7 @@
 """Encoder and decoder networks shared by every variant: an MLP for flat inputs and a small
-stride-2 conv stack for images. Decoders return the likelihood's RAW output (logits for Bernoulli,
-values for Gaussian) shaped like the input; the models turn it into a mean (`likelihood_mean`).
+stride-2 conv stack for images. Decoders return the likelihood's RAW output, `params` values per
+input element shaped (B, params, *input_shape) (a logit, or a location and a log scale); the models'
+likelihood turns it into probabilities and a mean (`ae_repr.likelihoods`).
 `inference_copy` freezes a trained model's small convs into matrix products for evaluation.
 """
 
@@ -73,14 +74,15 @@ def make_encoder(input_shape: tuple[int, ...], out_dim: int, cfg: ModelConfig) -
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * h * w, out_dim))  # (B, C*h*w) -> (B, out)
 
 
-def make_decoder(in_dim: int, input_shape: tuple[int, ...], cfg: ModelConfig) -> nn.Module:
-    """Latents (B, in_dim) -> raw outputs (B, *input_shape), mirroring `make_encoder`."""
+def make_decoder(in_dim: int, input_shape: tuple[int, ...], cfg: ModelConfig, params: int = 1) -> nn.Module:
+    """Latents (B, in_dim) -> raw outputs (B, params, *input_shape), mirroring `make_encoder`."""
     kind = resolve_backbone(input_shape, cfg)
     if kind == "mlp":
-        layers = _mlp([in_dim, *reversed(cfg.hidden), math.prod(input_shape)])
-        return nn.Sequential(*layers, nn.Unflatten(1, tuple(input_shape)))  # (B, D) -> (B, *input_shape)
+        layers = _mlp([in_dim, *reversed(cfg.hidden), params * math.prod(input_shape)])
+        return nn.Sequential(*layers, nn.Unflatten(1, (params, *input_shape)))  # (B, P*D) -> (B, P, *input_shape)
     assert cfg.channels, "the conv backbone needs at least one entry in `channels`"
-    c_out, h, w = input_shape
+    c, h, w = input_shape
+    c_out = params * c
     chans = list(reversed(cfg.channels))  # deepest first
     h0, w0 = _conv_sizes(h, w, len(chans))
     layers = [nn.Linear(in_dim, chans[0] * h0 * w0), Activation(), nn.Unflatten(1, (chans[0], h0, w0))]
@@ -90,7 +92,7 @@ def make_decoder(in_dim: int, input_shape: tuple[int, ...], cfg: ModelConfig) ->
     layers.pop()  # no activation on the raw output
     if (h0 << len(chans), w0 << len(chans)) != (h, w):
         layers.append(_Crop(h, w))
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers, nn.Unflatten(1, (params, c)))  # (B, P*C, H, W) -> (B, P, C, H, W)
 
 
 class DenseConv(nn.Module):

@@ -17,6 +17,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from ..likelihoods import Likelihood
+
 
 class Corruption(BaseModel):
     """An input corruption for denoising training: `gaussian` (level = noise std), `masking` and
@@ -41,7 +43,9 @@ class ModelConfig(BaseModel):
     backbone: Literal["auto", "mlp", "conv"] = "auto"  # auto: conv for (C, H, W) inputs, mlp for flat
     hidden: tuple[int, ...] = (512, 256)  # MLP widths, input side first
     channels: tuple[int, ...] = (32, 64)  # conv channels, input side first (each layer halves H and W)
-    likelihood: Literal["auto", "bernoulli", "gaussian"] = "auto"  # auto: bernoulli for data in [0, 1]
+    # auto: bernoulli for binary data, discretized_logistic for integer images, gaussian otherwise (the trainer
+    # resolves it from the training data; see ae_repr.likelihoods)
+    likelihood: Literal["auto", "bernoulli", "discretized_logistic", "gaussian"] = "auto"
     corruption: Corruption | None = None
 
 
@@ -50,13 +54,17 @@ class Autoencoder(nn.Module, ABC):
 
     Config: ClassVar[type[ModelConfig]] = ModelConfig
 
-    def __init__(self, cfg: ModelConfig, input_shape: tuple[int, ...], likelihood: str = "gaussian") -> None:
+    def __init__(
+        self, cfg: ModelConfig, input_shape: tuple[int, ...], likelihood: str | Likelihood = "gaussian"
+    ) -> None:
         super().__init__()
-        # derived defaults: the trainer resolves likelihood "auto" from the data and passes it in
+        # derived defaults: the trainer resolves likelihood "auto" from the data (levels included) and passes it
+        # in, as a Likelihood or its spec string ("bernoulli", "gaussian", "discretized_logistic:17")
         self.cfg = cfg
         self.input_shape = tuple(int(s) for s in input_shape)
-        self.likelihood = likelihood if cfg.likelihood == "auto" else cfg.likelihood
-        assert self.likelihood in ("bernoulli", "gaussian"), f"unknown likelihood {self.likelihood}"
+        self.likelihood = Likelihood.parse(likelihood)
+        if cfg.likelihood not in ("auto", self.likelihood.kind):
+            self.likelihood = Likelihood.parse(cfg.likelihood)  # a level count comes only from the data
         assert len(self.input_shape) in (1, 3), f"input shape must be (D,) or (C, H, W), got {self.input_shape}"
 
     @property

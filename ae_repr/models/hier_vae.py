@@ -18,14 +18,11 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
+from ..likelihoods import Likelihood
 from ..losses import (
     gaussian_kl,
     gaussian_kl_two,
     gaussian_log_density,
-    likelihood_mean,
-    log_likelihood,
-    nll_constant,
-    recon_loss,
     reparameterize,
     repeat_rows,
     vae_terms,
@@ -99,7 +96,7 @@ class HierVAE(Autoencoder):
     Config = HierVAEConfig
 
     def __init__(
-        self, cfg: HierVAEConfig, input_shape: tuple[int, ...], likelihood: str = "gaussian"
+        self, cfg: HierVAEConfig, input_shape: tuple[int, ...], likelihood: str | Likelihood = "gaussian"
     ) -> None:
         super().__init__(cfg, input_shape, likelihood)
         assert isinstance(cfg, HierVAEConfig), f"HierVAE needs a HierVAEConfig, got {type(cfg).__name__}"
@@ -115,7 +112,7 @@ class HierVAE(Autoencoder):
             nn.Linear(2 * width, 2 * d) for d in lower
         )  # [feat, state] -> residual
         self.top_down = nn.ModuleList(_Residual(width, d) for d in lower)  # state, z_l -> state
-        self.decoder = make_decoder(width, self.input_shape, cfg)
+        self.decoder = make_decoder(width, self.input_shape, cfg, self.likelihood.params)
 
     def _walk(self, z_top: torch.Tensor, draw: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Top-down state after every level; `draw(l, state)` gives lower level l's z, top first."""
@@ -158,13 +155,13 @@ class HierVAE(Autoencoder):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The likelihood mean given every level's z concatenated bottom first, (B, *input_shape)."""
         zs = z.split(self.level_dims, dim=1)  # bottom first
-        return likelihood_mean(self.decoder(self._walk(zs[-1], lambda lvl, _: zs[lvl])), self.likelihood)
+        return self.likelihood.mean(self.decoder(self._walk(zs[-1], lambda lvl, _: zs[lvl])))
 
     def log_weight(self, x: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1) -> torch.Tensor:
         """log p(x, z) - log q(z|x) at `draws` draws of every level from the posterior, constants included,
         (draws * B,) draw-major; the bottom-up pass runs once per row."""
         state, levels = self.infer(x, generator=generator, draws=draws)
-        log_w = log_likelihood(self.decoder(state).float(), repeat_rows(x, draws), self.likelihood)
+        log_w = self.likelihood.log_prob(self.decoder(state), repeat_rows(x, draws))
         for lv in levels:  # the top level's prior is N(0, I) (mu_p None); lower levels' come from the state
             log_w = log_w + gaussian_log_density(lv.z, lv.mu_p, lv.logvar_p) - gaussian_log_density(lv.z, lv.mu_q, lv.logvar_q)
         return log_w
@@ -178,7 +175,7 @@ class HierVAE(Autoencoder):
             mu_p, logvar_p = self.priors[lvl](state).float().chunk(2, dim=1)
             return reparameterize(mu_p, logvar_p, generator)
 
-        return likelihood_mean(self.decoder(self._walk(z_top, draw)), self.likelihood)
+        return self.likelihood.mean(self.decoder(self._walk(z_top, draw)))
 
     def loss(
         self,
@@ -192,7 +189,7 @@ class HierVAE(Autoencoder):
     ) -> dict[str, torch.Tensor]:
         """recon + beta * kl_weight * sum of level KLs (free bits per dimension); kl_0 is the bottom level."""
         state, levels = self.infer(x, generator=generator)
-        recon = recon_loss(self.decoder(state), x if target is None else target, self.likelihood)
+        recon = self.likelihood.nll(self.decoder(state), x if target is None else target)
         kls = [lv.kl() for lv in levels]  # (B, d_l) each
         terms = vae_terms(
             recon,
@@ -200,7 +197,6 @@ class HierVAE(Autoencoder):
             torch.cat([lv.mu_q for lv in levels], dim=1),
             weight=self.cfg.beta * kl_weight,
             free_bits=free_bits,
-            const=nll_constant(self.likelihood, self.input_dim),
         )
         for i, kl in enumerate(kls):
             terms[f"kl_{i}"] = kl.detach().sum(1).mean()

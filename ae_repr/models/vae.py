@@ -12,13 +12,10 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from ..likelihoods import Likelihood
 from ..losses import (
     gaussian_kl,
     gaussian_log_density,
-    likelihood_mean,
-    log_likelihood,
-    nll_constant,
-    recon_loss,
     reparameterize,
     repeat_rows,
     vae_terms,
@@ -38,11 +35,11 @@ class VAE(Autoencoder):
 
     Config = VAEConfig
 
-    def __init__(self, cfg: VAEConfig, input_shape: tuple[int, ...], likelihood: str = "gaussian") -> None:
+    def __init__(self, cfg: VAEConfig, input_shape: tuple[int, ...], likelihood: str | Likelihood = "gaussian") -> None:
         super().__init__(cfg, input_shape, likelihood)
         assert isinstance(cfg, VAEConfig), f"VAE needs a VAEConfig, got {type(cfg).__name__}"
         self.encoder = make_encoder(self.input_shape, 2 * cfg.latent_dim, cfg)  # -> (mu, logvar)
-        self.decoder = make_decoder(cfg.latent_dim, self.input_shape, cfg)
+        self.decoder = make_decoder(cfg.latent_dim, self.input_shape, cfg, self.likelihood.params)
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z|x) as (mu, logvar), each (B, latent_dim)."""
@@ -56,7 +53,7 @@ class VAE(Autoencoder):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The likelihood mean, (B, *input_shape)."""
-        return likelihood_mean(self.decoder(z), self.likelihood)
+        return self.likelihood.mean(self.decoder(z))
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Decoded draws from the N(0, I) prior, (n, *input_shape)."""
@@ -71,7 +68,7 @@ class VAE(Autoencoder):
         """
         mu, logvar, x = (repeat_rows(t, draws) for t in (*self.posterior(x), x))
         z = reparameterize(mu, logvar, generator)
-        log_px = log_likelihood(self.decoder(z).float(), x, self.likelihood)
+        log_px = self.likelihood.log_prob(self.decoder(z), x)
         return log_px + gaussian_log_density(z) - gaussian_log_density(z, mu, logvar)
 
     def loss(
@@ -86,14 +83,11 @@ class VAE(Autoencoder):
     ) -> dict[str, torch.Tensor]:
         """recon + beta * kl_weight * KL (free-bits floored); also reports kl, elbo, active_units."""
         mu, logvar = self.posterior(x)
-        recon = recon_loss(
-            self.decoder(reparameterize(mu, logvar, generator)), x if target is None else target, self.likelihood
-        )
+        recon = self.likelihood.nll(self.decoder(reparameterize(mu, logvar, generator)), x if target is None else target)
         return vae_terms(
             recon,
             gaussian_kl(mu, logvar),  # (B, latent_dim)
             mu,
             weight=self.cfg.beta * kl_weight,
             free_bits=free_bits,
-            const=nll_constant(self.likelihood, self.input_dim),
         )

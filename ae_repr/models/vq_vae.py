@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from ..losses import code_counts, likelihood_mean, nearest_code, perplexity, recon_loss, straight_through
+from ..likelihoods import Likelihood
+from ..losses import code_counts, nearest_code, perplexity, straight_through
 from .backbones import make_decoder, make_encoder
 from .base import Autoencoder, ModelConfig
 
@@ -50,12 +51,12 @@ class VQVAE(Autoencoder):
     Config = VQVAEConfig
     EMA_EPS = 1e-5  # Laplace smoothing of EMA cluster sizes
 
-    def __init__(self, cfg: VQVAEConfig, input_shape: tuple[int, ...], likelihood: str = "gaussian") -> None:
+    def __init__(self, cfg: VQVAEConfig, input_shape: tuple[int, ...], likelihood: str | Likelihood = "gaussian") -> None:
         super().__init__(cfg, input_shape, likelihood)
         assert isinstance(cfg, VQVAEConfig), f"VQVAE needs a VQVAEConfig, got {type(cfg).__name__}"
         self.positions = cfg.latent_dim // cfg.code_dim
         self.encoder = make_encoder(self.input_shape, cfg.latent_dim, cfg)
-        self.decoder = make_decoder(cfg.latent_dim, self.input_shape, cfg)
+        self.decoder = make_decoder(cfg.latent_dim, self.input_shape, cfg, self.likelihood.params)
         k, d = cfg.codebook_size, cfg.code_dim
         init = torch.empty(k, d).uniform_(-1.0 / k, 1.0 / k)
         if cfg.ema:  # moving averages own the codebook: a buffer, untouched by the optimizer
@@ -103,7 +104,7 @@ class VQVAE(Autoencoder):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The likelihood mean of (quantized) latents `z` (B, latent_dim), (B, *input_shape)."""
-        return likelihood_mean(self.decoder(z), self.likelihood)
+        return self.likelihood.mean(self.decoder(z))
 
     @torch.no_grad()
     def _revive_dead_codes(self, z: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -149,7 +150,7 @@ class VQVAE(Autoencoder):
         # per-sample sums over all positions, like the recon term
         commit = (z - z_q.detach()).pow(2).sum() / batch
         z_st = straight_through(z, z_q).reshape(batch, self.latent_dim)  # (B, P * D)
-        recon = recon_loss(self.decoder(z_st), x if target is None else target, self.likelihood)
+        recon = self.likelihood.nll(self.decoder(z_st), x if target is None else target)
         total = recon + self.cfg.commitment * commit if self.cfg.commitment > 0 else recon
         if not self.cfg.ema:
             codebook = (z.detach() - z_q).pow(2).sum() / batch

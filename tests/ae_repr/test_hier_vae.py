@@ -7,7 +7,6 @@ import torch
 from pydantic import ValidationError
 from torch.distributions import Normal, kl_divergence
 
-from ae_repr.losses import likelihood_mean
 from ae_repr.models import build_model, model_config
 from ae_repr.models.hier_vae import HierVAE
 
@@ -93,7 +92,7 @@ def test_encode_concatenates_posterior_means_bottom_first_and_decode_reads_them(
     torch.testing.assert_close(z, torch.cat([lv.mu_q for lv in levels], dim=1))
     torch.testing.assert_close(z[:, :2], levels[0].mu_q)  # bottom level first
     # decoding the feature vector walks the same top-down path as inference did
-    torch.testing.assert_close(model.decode(z), likelihood_mean(model.decoder(state), "bernoulli"))
+    torch.testing.assert_close(model.decode(z), model.likelihood.mean(model.decoder(state)))
 
 
 def test_prior_sample_shape_and_reproducibility() -> None:

@@ -124,7 +124,8 @@ def test_conv_backbone_handles_odd_sizes(shape: tuple[int, ...]) -> None:
     cfg = model_config("ae", channels=(4, 8, 8))
     z = make_encoder(shape, 5, cfg)(torch.zeros(2, *shape))
     assert z.shape == (2, 5)
-    assert make_decoder(5, shape, cfg)(z).shape == (2, *shape)
+    assert make_decoder(5, shape, cfg)(z).shape == (2, 1, *shape)  # one raw value per element
+    assert make_decoder(5, shape, cfg, params=2)(z).shape == (2, 2, *shape)  # a location and a log scale
 
 
 def test_backbone_choice() -> None:
