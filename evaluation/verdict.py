@@ -129,7 +129,7 @@ def verdict(results: pd.DataFrame, facts: RunFacts) -> str:
     whether it separates from the others and from the baselines, chance level, and a bottleneck warning."""
     head = f"On {_dataset_name(facts.dataset)}" + (f" (K={facts.latent_dim})" if facts.latent_dim else "")
     acc = column_bounds(results, "linear_probe", "accuracy")
-    acc = acc[[n != CHANCE_NAME and "@" not in n for n in acc.index]]  # per-seed rows: their aggregate competes
+    acc = acc.loc[[n != CHANCE_NAME and "@" not in n for n in acc.index]]  # per-seed rows: their aggregate competes
     st = standing(acc)
     if st is None:
         sentences = [f"{head} no representation has a linear-probe accuracy (the data has no usable labels), "
