@@ -14,7 +14,7 @@ from ae_repr.config import EvalConfig
 from ae_repr.io import atomic_path
 
 from .inputs import BASELINE_NAMES
-from .probe import knn_metric
+from .probe import CHANCE_NAME, knn_metric
 from .verdict import Standing, at_chance, chance_accuracy, column_bounds, interval_text, standing
 
 
@@ -74,8 +74,8 @@ def application_columns(cfg: EvalConfig) -> list[Column]:
     ]
 
 
-# model-free references of the application tasks, listed after the feature baselines
-REFERENCE_NAMES = ("isolation_forest", "mean_image", "real_data")
+# model-free references (chance, and those of the application tasks), listed after the feature baselines
+REFERENCE_NAMES = (CHANCE_NAME, "isolation_forest", "mean_image", "real_data")
 
 
 def representation_order(names: Sequence[str]) -> list[str]:
