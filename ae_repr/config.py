@@ -130,6 +130,8 @@ class EvalConfig(_Frozen):
     finetune_patience: int = Field(5, gt=0)  # epochs without held-out improvement before stopping
     finetune_val_rows: int = Field(500, gt=0)  # held-out train rows (disjoint from the shots) for early stopping
     finetune_batch_size: int = Field(512, gt=0)  # k*C shots up to this size are one full batch
+    # resamples of the test rows behind each single-split interval (linear probe, kNN, reduction, chance)
+    bootstrap_samples: int = Field(1000, ge=100)
     # applications: tasks that use the trained model itself (baselines get their own rows where they apply)
     applications: tuple[
         Literal["anomaly", "inpainting", "generation", "augmentation", "rate_distortion", "disentanglement"], ...

@@ -27,7 +27,7 @@ from .context import AppContext, TaskOutput
 from .fewshot import fewshot_episodes, t_interval, usable_k
 from .inputs import label_problem
 from .probe import fit_frozen_head
-from .results import result_frame, result_row
+from .results import CI_FEWSHOT_EPISODES, result_frame, result_row
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,10 @@ def augmentation(ctx: AppContext) -> TaskOutput:
     mean, lo, hi = t_interval(delta)
     n = len(delta)
     rows = [
-        result_row(ctx.name, "augmentation", "accuracy_delta", mean, k=k, n_seeds=n, ci_low=lo, ci_high=hi),
+        result_row(
+            ctx.name, "augmentation", "accuracy_delta", mean, k=k, n_seeds=n, ci_low=lo, ci_high=hi,
+            ci_method=CI_FEWSHOT_EPISODES,
+        ),
         result_row(ctx.name, "augmentation", "accuracy_base", np.mean(base), k=k, n_seeds=n),
         result_row(ctx.name, "augmentation", "accuracy_augmented", np.mean(augmented), k=k, n_seeds=n),
     ]

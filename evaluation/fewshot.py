@@ -4,7 +4,8 @@ Episodes: for each k in `EvalConfig.fewshot_k` and seed s in 0..fewshot_seeds-1,
 class are drawn without replacement with `numpy.random.default_rng([seed, s, k])` from the train rows
 ordered by sample_id, so every representation of a data set sees the same examples. A k larger than
 the smallest train class is skipped with a warning. Each arm reports test `accuracy` per k as one row:
-`value` = mean over seeds, `n_seeds`, and `ci_low`/`ci_high` = mean -/+ t(0.975, n-1) * sd / sqrt(n).
+`value` = mean over seeds, `n_seeds`, and `ci_low`/`ci_high` = mean -/+ t(0.975, n-1) * sd / sqrt(n)
+(`ci_method` `fewshot_episodes`).
 
 `fewshot_frozen` fits the same logistic head as the linear probe (`fit_frozen_head`) with the fixed
 C = `EvalConfig.fewshot_c` (k*C rows are too few to cross-validate) on the frozen features.
@@ -25,7 +26,7 @@ from ae_repr.io import FeatureFile
 
 from .inputs import labels, split_mask
 from .probe import fit_frozen_head
-from .results import result_frame, result_row
+from .results import CI_FEWSHOT_EPISODES, result_frame, result_row
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def fewshot_row(representation: str, task: str, k: int, accuracies: list[float])
     """The summary row of one arm at one k: mean accuracy over seeds with its t interval."""
     mean, lo, hi = t_interval(accuracies)
     return result_row(
-        representation, task, "accuracy", mean, k=k, n_seeds=len(accuracies), ci_low=lo, ci_high=hi
+        representation, task, "accuracy", mean, k=k, n_seeds=len(accuracies), ci_low=lo, ci_high=hi,
+        ci_method=CI_FEWSHOT_EPISODES,
     )
 
 

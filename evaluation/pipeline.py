@@ -4,6 +4,10 @@ The Prefect flow calls `write_baselines` once, `evaluate_representation` per fea
 parallel, each writing `representations_dir(out)/<name>.parquet` and `<name>.map.parquet`), then
 `summarize` once. `evaluate_dir` does the same in one process (`ae-repr evaluate`).
 
+`summarize` also scores chance (task `chance`, representation `majority_class`) from one labelled
+feature file of the run, and writes `verdict.md`: the short verdict that opens `report.md`
+(`evaluation.verdict`), which the flow also puts into its Prefect artifact and MLflow parent run.
+
 Metric callback: `log` receives `{"eval/<task>/<metric>": value}` after each task (few-shot rows as
 `eval/<task>/<metric>_k<k>`); `evaluate_dir` prefixes each key with `<representation>/`.
 """
@@ -19,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from ae_repr.checkpoint import load_model
 from ae_repr.config import EvalConfig, TrainConfig
 from ae_repr.errors import UserError
-from ae_repr.io import FeatureFile, write_table
+from ae_repr.io import META_PREFIX, FeatureFile, atomic_path, write_table
 
 from .app_plots import application_plots
 from .applications import (
@@ -39,13 +44,22 @@ from .baselines import write_baselines
 from .context import TaskOutput, make_context
 from .fewshot import fewshot_frozen, usable_k
 from .finetune import fewshot_finetune, fewshot_scratch
-from .inputs import is_learned, label_problem, load_feature_dir, load_feature_file, model_dir
+from .inputs import (
+    BASELINE_NAMES,
+    dataset_of,
+    is_learned,
+    label_problem,
+    load_feature_dir,
+    load_feature_file,
+    model_dir,
+)
 from .plots import embed_2d, plot_fewshot, plot_latent_maps
-from .probe import knn, linear_probe
+from .probe import chance, knn, linear_probe
 from .rate_distortion import rate_distortion
 from .reduction import reduction
 from .report import representation_order, write_report
 from .results import concat_results, read_results, result_frame, write_results
+from .verdict import RunFacts, bottleneck_warning, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +67,7 @@ LogFn = Callable[[dict[str, float]], None]
 TASKS = ("linear_probe", "knn", "fewshot_frozen", "fewshot_finetune", "fewshot_scratch", "reduction")
 MAP_SUFFIX = ".map.parquet"
 SWEEP_NAME = "beta_sweep"  # the result file of `evaluate_beta_sweep`
+VERDICT = "verdict.md"
 
 
 class EvaluationFailed(RuntimeError):
@@ -106,7 +121,7 @@ def evaluate_representation(
         logger.warning("%s: label tasks skipped: %s", ff.name, problem)
     else:
         run("linear_probe", lambda: linear_probe(ff, cfg, seed=seed))
-        run("knn", lambda: knn(ff, cfg))
+        run("knn", lambda: knn(ff, cfg, seed=seed))
         _, skipped, smallest = usable_k(ff, cfg)
         if skipped:
             ks = ", ".join(map(str, skipped))
@@ -215,11 +230,19 @@ def evaluate_beta_sweep(
 
 
 def summarize(
-    out: Path, cfg: EvalConfig, *, failures: dict[str, str] | None = None, eval_dir: Path | None = None
+    out: Path,
+    cfg: EvalConfig,
+    *,
+    failures: dict[str, str] | None = None,
+    eval_dir: Path | None = None,
+    features_dir: Path | None = None,
+    seed: int = 0,
 ) -> Path:
-    """Gather per-representation results into `out/eval/<task>.parquet`, `out/summary.parquet`, plots and `out/report.md`."""
+    """Gather per-representation results into `out/eval/<task>.parquet`, `out/summary.parquet`, plots,
+    `out/verdict.md` and `out/report.md` (feature files, for chance and the verdict's facts: `out/features`)."""
     out = Path(out)
     eval_dir = Path(eval_dir) if eval_dir is not None else representations_dir(out)
+    features_dir = Path(features_dir) if features_dir is not None else out / "features"
     failures = dict(failures or {})
     paths = (
         sorted(p for p in eval_dir.glob("*.parquet") if not p.name.endswith(MAP_SUFFIX))
@@ -238,6 +261,9 @@ def summarize(
         map_path = eval_dir / f"{p.stem}{MAP_SUFFIX}"
         if map_path.is_file():
             maps[p.stem] = pd.read_parquet(map_path)
+    facts, reference = run_facts(features_dir, names)
+    if reference is not None and label_problem(reference) is None:
+        frames.append(chance(reference, cfg, seed=seed))
     results = concat_results(frames)
     # a failed representation has no rows, even where another file (the application baselines) scored it
     results = _sorted(results[~results["representation"].isin(list(failures))])
@@ -263,9 +289,54 @@ def summarize(
         [eval_dir / f"{n}{PICTURES_SUFFIX}" for n in names if (eval_dir / f"{n}{PICTURES_SUFFIX}").is_file()]
     )
     plots += application_plots(pictures, results, out / "plots")
-    write_report(out / "report.md", results, cfg, plots=plots, notes=_grouped(notes), failures=failures)
+    warning = bottleneck_warning(facts)
+    if warning:
+        logger.warning("%s", warning)
+    text = verdict(results, facts)
+    with atomic_path(out / VERDICT) as tmp:
+        tmp.write_text(text + "\n")
+    logger.info("verdict: %s", text)
+    write_report(out / "report.md", results, cfg, plots=plots, notes=_grouped(notes), failures=failures, verdict=text)
     logger.info("summary: %d rows from %d representations -> %s", len(results), len(frames), summary)
     return summary
+
+
+def run_facts(features_dir: Path, names: list[str]) -> tuple[RunFacts, FeatureFile | None]:
+    """The data set, latent width K and input width D of a run's feature files, and one of them to score chance on
+    (learned where there is one; never `raw`, the widest, unless it is alone). Only that one is read in full."""
+    widths: dict[str, tuple[int, bool]] = {}  # name -> (z columns, learned)
+    for name in names:
+        path = Path(features_dir) / f"{name}.parquet"
+        try:
+            schema = pq.read_schema(path)
+        except (OSError, ValueError):  # missing or not Parquet: not a feature file of this run
+            continue
+        meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+        variant = meta.get(f"{META_PREFIX}variant", name)
+        learned = f"{META_PREFIX}model_dir" in meta or variant not in BASELINE_NAMES
+        widths[name] = (sum(c.startswith("z_") for c in schema.names), learned)
+    order = sorted(widths, key=lambda n: (not widths[n][1], n == "raw"))
+    reference = None
+    for name in order:
+        try:
+            reference = load_feature_file(Path(features_dir) / f"{name}.parquet")
+            break
+        except UserError:
+            continue
+    if reference is None:
+        return RunFacts(), None
+    learned_k = [k for k, learned in widths.values() if learned]
+    input_dim = widths["raw"][0] if "raw" in widths and not widths["raw"][1] else _input_dim(reference)
+    return RunFacts(reference.meta.get("dataset"), learned_k[0] if learned_k else None, input_dim), reference
+
+
+def _input_dim(ff: FeatureFile) -> int | None:
+    """The flattened input width of the data set behind `ff`, or None when it cannot be loaded."""
+    try:
+        ds, _ = dataset_of(ff)
+    except (UserError, OSError, ValueError):
+        return None
+    return int(np.prod(ds.x.shape[1:]))
 
 
 def _grouped(notes: list[str]) -> list[str]:
@@ -329,7 +400,7 @@ def evaluate_dir(
         except Exception as e:
             logger.exception("application baselines failed")
             failures[BASELINES_NAME] = f"{type(e).__name__}: {e}"
-    summary = summarize(out, cfg, failures=failures, eval_dir=eval_dir)
+    summary = summarize(out, cfg, failures=failures, eval_dir=eval_dir, features_dir=features_dir, seed=seed)
     logger.info("evaluated %d representations in %.1fs", len(files), time.perf_counter() - start)
     if failures:
         raise EvaluationFailed(

@@ -23,6 +23,14 @@ kNN (task `knn`): `KNeighborsClassifier(n_neighbors=n, metric="cosine")` fitted 
 features as stored (no scaling); test accuracy is reported once per neighbour count n in
 `EvalConfig.knn_k` under the metric name `accuracy_<n>nn` (e.g. `accuracy_5nn`, `accuracy_20nn`),
 with `k` left empty: in the summary `k` always means labelled examples per class (few-shot).
+
+Intervals: every number above carries a 95% percentile bootstrap interval over the test rows
+(`evaluation.intervals`, `EvalConfig.bootstrap_samples` resamples of the fitted model's test
+predictions; the model is not refitted), `ci_method` `test_bootstrap`, `n_seeds` the resample count.
+
+Chance (task `chance`, representation `majority_class`): the test accuracy and macro-F1 of always
+predicting the train split's most frequent class (`DummyClassifier(strategy="most_frequent")`), with
+the same intervals; the report says "at chance" when the best interval does not clear it.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from sklearn.dummy import DummyClassifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
@@ -45,6 +54,7 @@ from ae_repr.config import EvalConfig
 from ae_repr.io import FeatureFile
 
 from .inputs import labels, single_thread, split_mask
+from .intervals import interval_fields, macro_f1_interval, mean_interval, ordered_test_rows
 from .results import result_frame, result_row
 
 log = logging.getLogger(__name__)
@@ -75,18 +85,36 @@ def fit_frozen_head(
 def linear_probe(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFrame:
     """Test accuracy and macro-F1 of a CV-tuned logistic head on the train split's frozen features."""
     z, y = ff.z, labels(ff)
-    tr, te = split_mask(ff, "train"), split_mask(ff, "test")
+    tr, te = split_mask(ff, "train"), ordered_test_rows(ff)
     Cs = cfg.probe_c_grid if np.unique(y[tr], return_counts=True)[1].min() >= 2 else (cfg.fewshot_c,)
     head = fit_frozen_head(z[tr], y[tr], Cs=Cs, folds=cfg.probe_folds, seed=seed)
-    pred = head.predict(z[te])
     if isinstance(head, GridSearchCV):
         log.info("%s: linear probe chose C=%g", ff.name, head.best_params_["logreg__C"])
-    return result_frame(
-        [
-            result_row(ff.name, "linear_probe", "accuracy", accuracy_score(y[te], pred)),
-            result_row(ff.name, "linear_probe", "macro_f1", f1_score(y[te], pred, average="macro")),
-        ]
-    )
+    return result_frame(classification_rows(ff.name, "linear_probe", y[te], head.predict(z[te]), cfg, seed=seed))
+
+
+def classification_rows(
+    name: str, task: str, y_true: np.ndarray, y_pred: np.ndarray, cfg: EvalConfig, *, seed: int = 0
+) -> list[dict]:
+    """`accuracy` and `macro_f1` rows of test predictions (in `ordered_test_rows` order) with bootstrap intervals."""
+    n_boot = cfg.bootstrap_samples
+    return [
+        result_row(name, task, "accuracy", accuracy_score(y_true, y_pred),
+                   **interval_fields(mean_interval(y_true == y_pred, n_boot, seed), n_boot)),
+        result_row(name, task, "macro_f1", f1_score(y_true, y_pred, average="macro"),
+                   **interval_fields(macro_f1_interval(y_true, y_pred, n_boot, seed), n_boot)),
+    ]
+
+
+CHANCE_NAME = "majority_class"  # the representation name of the chance rows
+
+
+def chance(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFrame:
+    """Test accuracy and macro-F1 of always predicting the train split's most frequent class (task `chance`)."""
+    y, tr, te = labels(ff), split_mask(ff, "train"), ordered_test_rows(ff)
+    dummy = DummyClassifier(strategy="most_frequent").fit(np.zeros((int(tr.sum()), 1)), y[tr])
+    return result_frame(classification_rows(CHANCE_NAME, "chance", y[te], dummy.predict(np.zeros((len(te), 1))), cfg,
+                                            seed=seed))
 
 
 def knn_metric(n_neighbors: int) -> str:
@@ -94,16 +122,17 @@ def knn_metric(n_neighbors: int) -> str:
     return f"accuracy_{n_neighbors}nn"
 
 
-def knn(ff: FeatureFile, cfg: EvalConfig) -> pd.DataFrame:
+def knn(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFrame:
     """Test accuracy of cosine kNN classifiers fitted on the train split, one row per neighbour count."""
     z, y = ff.z, labels(ff)
-    tr, te = split_mask(ff, "train"), split_mask(ff, "test")
+    tr, te = split_mask(ff, "train"), ordered_test_rows(ff)
     rows = []
     for n in cfg.knn_k:
         if n > tr.sum():
             log.warning("%s: kNN with %d neighbours skipped: only %d train rows", ff.name, n, tr.sum())
             continue
         with single_thread():
-            clf = KNeighborsClassifier(n_neighbors=n, metric="cosine").fit(z[tr], y[tr])
-            rows.append(result_row(ff.name, "knn", knn_metric(n), accuracy_score(y[te], clf.predict(z[te]))))
+            hit = KNeighborsClassifier(n_neighbors=n, metric="cosine").fit(z[tr], y[tr]).predict(z[te]) == y[te]
+        interval = interval_fields(mean_interval(hit, cfg.bootstrap_samples, seed), cfg.bootstrap_samples)
+        rows.append(result_row(ff.name, "knn", knn_metric(n), float(hit.mean()), **interval))
     return result_frame(rows)

@@ -1,8 +1,8 @@
-"""`report.md`: one table of representations x headline metrics (best per column in bold), plots, notes, failures."""
+"""`report.md`: the verdict, one table of representations x headline metrics with their intervals, plots, notes,
+failures. A column's winner is bold only where its interval separates from every other (`evaluation.verdict`)."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,7 +14,8 @@ from ae_repr.config import EvalConfig
 from ae_repr.io import atomic_path
 
 from .inputs import BASELINE_NAMES
-from .probe import knn_metric
+from .probe import CHANCE_NAME, knn_metric
+from .verdict import Standing, at_chance, chance_accuracy, column_bounds, interval_text, standing
 
 
 @dataclass(frozen=True)
@@ -29,21 +30,22 @@ class Column:
     fmt: str = ".3f"
     not_ranked: tuple[str, ...] = ()  # rows shown but not competing for the bold best
     descriptive: bool = False  # no better direction (rate, distortion): nothing is marked best
+    vs_chance: bool = False  # an accuracy: compared with the majority-class rate
 
 
 def headline_columns(cfg: EvalConfig) -> list[Column]:
     """The report's columns for this config."""
     cols = [
-        Column("linear probe acc", "linear_probe", "accuracy"),
+        Column("linear probe acc", "linear_probe", "accuracy", vs_chance=True),
         Column("linear probe macro-F1", "linear_probe", "macro_f1"),
     ]
     if cfg.knn_k:
-        cols.append(Column(f"kNN acc ({cfg.knn_k[0]}-NN)", "knn", knn_metric(cfg.knn_k[0])))
+        cols.append(Column(f"kNN acc ({cfg.knn_k[0]}-NN)", "knn", knn_metric(cfg.knn_k[0]), vs_chance=True))
     if cfg.fewshot_k:
         k = 5 if 5 in cfg.fewshot_k else cfg.fewshot_k[0]
         cols += [
-            Column(f"few-shot k={k} frozen", "fewshot_frozen", "accuracy", k),
-            Column(f"few-shot k={k} finetune", "fewshot_finetune", "accuracy", k),
+            Column(f"few-shot k={k} frozen", "fewshot_frozen", "accuracy", k, vs_chance=True),
+            Column(f"few-shot k={k} finetune", "fewshot_finetune", "accuracy", k, vs_chance=True),
         ]
     cols += [
         Column("trustworthiness", "reduction", "trustworthiness", not_ranked=("raw",)),  # 1 by definition
@@ -72,8 +74,8 @@ def application_columns(cfg: EvalConfig) -> list[Column]:
     ]
 
 
-# model-free references of the application tasks, listed after the feature baselines
-REFERENCE_NAMES = ("isolation_forest", "mean_image", "real_data")
+# model-free references (chance, and those of the application tasks), listed after the feature baselines
+REFERENCE_NAMES = (CHANCE_NAME, "isolation_forest", "mean_image", "real_data")
 
 
 def representation_order(names: Sequence[str]) -> list[str]:
@@ -88,9 +90,7 @@ def headline_table(results: pd.DataFrame, cfg: EvalConfig, cols: Sequence[Column
     names = representation_order(list(results["representation"].unique()))
     table = pd.DataFrame(index=pd.Index(names, name="representation"))
     for col in headline_columns(cfg) if cols is None else cols:
-        sel = (results["task"] == col.task) & (results["metric"] == col.metric)
-        sel &= results["k"].isna() if col.k is None else (results["k"] == col.k).fillna(False)
-        table[col.title] = results[sel].set_index("representation")["value"].astype(float).reindex(names)
+        table[col.title] = column_bounds(results, col.task, col.metric, col.k)["value"].reindex(names)
     return table.dropna(how="all")
 
 
@@ -106,23 +106,37 @@ def write_report(
     plots: Sequence[Path] = (),
     notes: Sequence[str] = (),
     failures: Mapping[str, str] | None = None,
+    verdict: str | None = None,
 ) -> Path:
     """Write the markdown report atomically; plot links are relative to the report's folder."""
     path = Path(path)
     cols = headline_columns(cfg)
     table = headline_table(results, cfg)
     lines = ["# Evaluation report", ""]
+    if verdict:
+        lines += [f"**Verdict.** {_md(verdict)}", ""]
+    chance = chance_accuracy(results)
     if len(table):
         n_base = sum(n in BASELINE_NAMES for n in table.index)
         lines += [
             f"{len(table)} representations ({len(table) - n_base} learned, {n_base} baselines), "
-            "all scores on the test split. Best per column in **bold** (lowest for recon MSE). "
-            f"Few-shot: mean over {cfg.fewshot_seeds} seeds, +/- the 95% Student-t half-width. "
-            "kNN: cosine distance. Trustworthiness is measured against the raw input, so `raw` scores 1 "
-            "by definition and is not ranked. Full results: `summary.parquet`.",
+            "all scores on the test split, each with its 95% interval: over test rows (percentile bootstrap, "
+            f"{cfg.bootstrap_samples} resamples) for the probe, kNN and reduction columns, over "
+            f"{cfg.fewshot_seeds} episodes (Student-t) for few-shot. A column's best is in **bold** only when its "
+            "interval lies clear of every other ranked representation's (lowest is best for recon MSE); otherwise "
+            "the *winner* row names those tied with it, and *at chance* when no accuracy interval lies above the "
+            "majority-class rate. kNN: cosine distance. Trustworthiness is measured against the raw input, so "
+            "`raw` scores 1 by definition and is not ranked. Full results (with `ci_method`): `summary.parquet`.",
             "",
-            *_table_lines(table, cols, results),
+            *_table_lines(table, cols, results, chance),
         ]
+        if chance is not None:
+            row = column_bounds(results, "chance", "accuracy").iloc[0]
+            lines += [
+                "Chance: always predicting the train split's most frequent class scores "
+                f"{interval_text(*row)} test accuracy.",
+                "",
+            ]
     else:
         lines += ["No results.", ""]
     app_cols = application_columns(cfg)
@@ -138,10 +152,11 @@ def write_report(
             "Sample classifier score: exp(E KL(p(y|x) || p(y))) of a logistic classifier trained on real "
             "data, applied to prior samples (`real_data`: the test images themselves). Augmentation: "
             f"test-accuracy change of a k={cfg.augment_k} few-shot pixel classifier when generated neighbours "
-            f"are added, mean over {cfg.fewshot_seeds} seeds ± 95% half-width. Rate and distortion: the "
-            "ELBO's KL and reconstruction terms on the test split. Notes below record each estimator's settings.",
+            f"are added, mean over {cfg.fewshot_seeds} seeds with its 95% interval. Rate and distortion: the "
+            "ELBO's KL and reconstruction terms on the test split. Winners as above: a column whose numbers carry "
+            "no interval marks none. Notes below record each estimator's settings.",
             "",
-            *_table_lines(app_table, app_cols, results),
+            *_table_lines(app_table, app_cols, results, chance),
         ]
     if plots:
         lines += ["## Plots", ""]
@@ -157,40 +172,42 @@ def write_report(
     return path
 
 
-def _table_lines(table: pd.DataFrame, cols: Sequence[Column], results: pd.DataFrame) -> list[str]:
-    """A markdown table of `table`'s rows and `cols`, the best per ranked column in bold, CIs as ±."""
+def _table_lines(table: pd.DataFrame, cols: Sequence[Column], results: pd.DataFrame, chance: float | None) -> list[str]:
+    """A markdown table of `table`'s rows and `cols` with intervals, each column's separated winner in bold,
+    and a last row naming each column's winner, its ties, or chance level."""
     lines = ["| representation | " + " | ".join(c.title for c in cols) + " |", "|---|" + "---:|" * len(cols)]
-    half = _half_widths(results, cols)
+    bounds = {c.title: column_bounds(results, c.task, c.metric, c.k) for c in cols}
+    ranked = {c.title: bounds[c.title].reindex([n for n in table.index if n not in c.not_ranked]) for c in cols}
+    standings = {
+        c.title: None if c.descriptive else standing(ranked[c.title], higher_is_better=c.higher_is_better)
+        for c in cols
+    }
+    chance_cols = {c.title for c in cols if c.vs_chance and at_chance(ranked[c.title].dropna(subset=["value"]), chance)}
     for name in table.index:
         cells = []
         for c in cols:
-            v = table.at[name, c.title]
-            if pd.isna(v):
+            if name not in bounds[c.title].index or pd.isna(bounds[c.title].at[name, "value"]):
                 cells.append("–")
                 continue
-            ranked = table[c.title].drop(index=[n for n in c.not_ranked if n in table.index])
-            best = ranked.max() if c.higher_is_better else ranked.min()
-            text = format(v, c.fmt)
-            h = half.get((name, c.title))
-            if h is not None and not math.isnan(h):
-                text += f" ± {h:.3f}"
-            is_best = not c.descriptive and name not in c.not_ranked and math.isclose(v, best, rel_tol=0, abs_tol=1e-12)
-            cells.append(f"**{text}**" if is_best else text)
+            v, lo, hi = bounds[c.title].loc[name]
+            text = format(v, c.fmt) if pd.isna(lo) or pd.isna(hi) else f"{v:{c.fmt}} [{lo:{c.fmt}}, {hi:{c.fmt}}]"
+            st = standings[c.title]
+            won = st is not None and st.winner == name and c.title not in chance_cols
+            cells.append(f"**{text}**" if won else text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    winners = [_winner_cell(standings[c.title], c.title in chance_cols) for c in cols]
+    lines.append("| *winner* | " + " | ".join(winners) + " |")
     return [*lines, ""]
 
 
-def _half_widths(results: pd.DataFrame, cols: Sequence[Column]) -> dict[tuple[str, str], float]:
-    out = {}
-    for c in cols:
-        if c.k is None:
-            continue
-        sel = (
-            (results["task"] == c.task)
-            & (results["metric"] == c.metric)
-            & (results["k"] == c.k).fillna(False)
-        )
-        for _, r in results[sel].iterrows():
-            if pd.notna(r["ci_high"]):
-                out[(r["representation"], c.title)] = float(r["ci_high"]) - float(r["value"])
-    return out
+def _winner_cell(st: Standing | None, chance: bool) -> str:
+    """One column's verdict: the separated winner, a tie (with whom), at chance, or why there is none."""
+    if st is None or st.n_ranked < 2:
+        return "–"
+    if not st.complete:
+        return "no interval"
+    if chance:
+        return "tie at chance"
+    if st.winner is not None:
+        return f"**{st.winner}**"
+    return "tie: " + ", ".join((st.best, *st.tied))

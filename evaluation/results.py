@@ -1,4 +1,10 @@
-"""The tidy result table every task returns (DESIGN section 5): one row per number, fixed dtypes."""
+"""The tidy result table every task returns (DESIGN section 5): one row per number, fixed dtypes.
+
+`ci_low`/`ci_high` bound a 95% interval; `ci_method` says what it is over and `n_seeds` counts those
+repetitions: `test_bootstrap` (percentile bootstrap over test rows, `n_seeds` = resamples),
+`fewshot_episodes` (Student-t over few-shot episodes), `pretraining_seeds` (Student-t over models
+pretrained with different seeds). Empty when a row has no interval.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ RESULT_SCHEMA = pa.schema(
         ("n_seeds", pa.int64()),
         ("ci_low", pa.float64()),
         ("ci_high", pa.float64()),
+        ("ci_method", pa.string()),
     ]
 )
 RESULT_DTYPES: dict[str, str] = {
@@ -36,9 +43,15 @@ RESULT_DTYPES: dict[str, str] = {
     "n_seeds": "Int64",
     "ci_low": "Float64",
     "ci_high": "Float64",
+    "ci_method": "string",
 }
 RESULT_COLUMNS = list(RESULT_DTYPES)
 NOTES_KEY = f"{META_PREFIX}notes"
+# what an interval is over (the `ci_method` vocabulary)
+CI_TEST_BOOTSTRAP = "test_bootstrap"
+CI_FEWSHOT_EPISODES = "fewshot_episodes"
+CI_PRETRAINING_SEEDS = "pretraining_seeds"
+CI_METHODS = (CI_TEST_BOOTSTRAP, CI_FEWSHOT_EPISODES, CI_PRETRAINING_SEEDS)
 
 
 def result_row(
@@ -51,8 +64,11 @@ def result_row(
     n_seeds: int | None = None,
     ci_low: float | None = None,
     ci_high: float | None = None,
+    ci_method: str | None = None,
 ) -> dict[str, Any]:
     """One tidy result row."""
+    if ci_method is not None and ci_method not in CI_METHODS:
+        raise ValueError(f"ci_method {ci_method!r}; expected one of {', '.join(CI_METHODS)}")
     return {
         "representation": representation,
         "task": task,
@@ -62,6 +78,7 @@ def result_row(
         "n_seeds": n_seeds,
         "ci_low": ci_low,
         "ci_high": ci_high,
+        "ci_method": ci_method,
     }
 
 

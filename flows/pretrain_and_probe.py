@@ -261,7 +261,7 @@ def summarize_task(cfg: ExperimentConfig, out: str, names: list[str], failures: 
     with CLOCK.phase("evaluation"):
         # results of representations this run did not ask for (an earlier run's) must not reach the summary
         drop_stale(representations_dir(Path(out)), set(names) | set(failures))
-        return str(summarize(Path(out), cfg.eval, failures=failures))
+        return str(summarize(Path(out), cfg.eval, failures=failures, seed=cfg.seed))
 
 
 def resolve_config(config: ExperimentConfig | str | dict | None, **overrides: Any) -> ExperimentConfig:

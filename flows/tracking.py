@@ -358,13 +358,16 @@ class Session:
             self.log_encoder(run_id, variant, model_dir, example, info)
 
     def log_parent_results(self, parent_id: str | None, out_dir: Path, variants: Iterable[str]) -> None:
-        """Queue the parent's files (config, summary, report, comparison plots) and headline metrics."""
+        """Queue the parent's files (config, summary, verdict, report, comparison plots), headline metrics and
+        the verdict as the run's description."""
         summary = rec.read_summary(out_dir)
+        tags = rec.verdict_tags(out_dir)
         if summary is not None:
-            metrics, tags = rec.headline_metrics(summary, variants)
+            metrics, best = rec.headline_metrics(summary, variants)
             self.log_metrics(parent_id, [(k, v, 0) for k, v in metrics.items()])
-            if tags:
-                self.log_tags(parent_id, tags)
+            tags.update(best)
+        if tags:
+            self.log_tags(parent_id, tags)
         self.log_artifacts(parent_id, rec.parent_artifacts(out_dir))
 
     def _queue(self, run_id: str | None, what: str, fn: Callable[[], Any]) -> None:

@@ -25,6 +25,7 @@ HEADLINE = "linear_probe_accuracy"  # the parent's per-representation headline m
 HEADLINE_METRICS = ("eval/linear_probe_accuracy", "eval/linear_probe_macro_f1", "eval/knn_accuracy_5nn",
                     "eval/fewshot_frozen_accuracy_k5", "eval/fewshot_finetune_accuracy_k5",
                     "eval/reduction_trustworthiness", "val/loss")
+VERDICT = "verdict.md"  # evaluation.pipeline.VERDICT, named here so `ae-repr compare` does not import evaluation
 VIEW_KEY = "variants"  # the experiment's shared UI view: `#/experiments/<id>/runs?viewStateShareKey=variants`
 _SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|AUTH",
                           re.IGNORECASE)
@@ -158,8 +159,9 @@ def history_metrics(history: list[dict[str, float]], after_epoch: int = 0) -> li
 
 
 def parent_artifacts(out_dir: Path) -> list[tuple[Path, str | None]]:
-    """(file, artifact folder) of the parent run: config, summary, report, comparison plots."""
-    files: list[tuple[Path, str | None]] = [(out_dir / n, None) for n in ("config.json", "summary.parquet", "report.md")]
+    """(file, artifact folder) of the parent run: config, summary, verdict, report, comparison plots."""
+    names = ("config.json", "summary.parquet", VERDICT, "report.md")
+    files: list[tuple[Path, str | None]] = [(out_dir / n, None) for n in names]
     files += [(p, "plots") for p in sorted((out_dir / "plots").glob("*.png"))]
     return [(p, a) for p, a in files if p.is_file()]
 
@@ -171,6 +173,13 @@ def variant_artifacts(out_dir: Path, variant: str, plots: Iterable[Path]) -> lis
                                             (model_dir / "history.json", None), (model_dir / "config.json", "model")]
     files += [(Path(p), "plots") for p in plots]
     return [(p, a) for p, a in files if p.is_file()]
+
+
+def verdict_tags(out_dir: Path) -> dict[str, str]:
+    """The parent's description (`mlflow.note.content`, shown as the run's description): the run's verdict."""
+    path = out_dir / VERDICT
+    text = path.read_text().strip() if path.is_file() else ""
+    return {"mlflow.note.content": text} if text else {}
 
 
 def read_summary(out_dir: Path) -> pd.DataFrame | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -15,6 +17,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ae_repr.config import EvalConfig
+from ae_repr.io import write_features
 from evaluation import evaluate_dir, evaluate_representation
 
 CFG = EvalConfig(
@@ -36,6 +39,7 @@ SUMMARY_ARROW = pa.schema(
         ("n_seeds", pa.int64()),
         ("ci_low", pa.float64()),
         ("ci_high", pa.float64()),
+        ("ci_method", pa.string()),
     ]
 )
 SUMMARY_PANDAS = {
@@ -47,6 +51,7 @@ SUMMARY_PANDAS = {
     "n_seeds": "Int64",
     "ci_low": "Float64",
     "ci_high": "Float64",
+    "ci_method": "string",
 }
 
 
@@ -127,13 +132,22 @@ def test_report_plots_and_metric_callback(run):
     report = (out / "report.md").read_text()
     assert "| representation | linear probe acc | linear probe macro-F1 | kNN acc (5-NN) |" in report
     assert "few-shot k=5 frozen" in report and "few-shot k=5 finetune" in report and "recon MSE" in report
-    assert report.count("**") >= 2 * 7  # a best value per headline column
+    verdict = (out / "verdict.md").read_text().strip()
+    assert report.splitlines()[2] == f"**Verdict.** {verdict}"
+    s = pd.read_parquet(out / "summary.parquet")
+    probe = s[(s["task"] == "linear_probe") & (s["metric"] == "accuracy")].set_index("representation")["value"]
+    assert verdict.startswith(f"On synth.parquet (K={K}), {probe.idxmax()} is best by linear-probe test accuracy")
+    assert "| *winner* |" in report and " [" in _row(report, "ae")  # intervals in the cells
     for png in ("latent_maps.png", "fewshot.png"):
         assert f"](plots/{png})" in report
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.rglob("*.tmp"))
     assert "ae/eval/linear_probe/accuracy" in logged and "pca/eval/fewshot_frozen/accuracy_k5" in logged
     assert "ae/eval/fewshot_finetune/accuracy_k1" in logged and "raw/eval/knn/accuracy_20nn" in logged
+
+
+def _row(report: str, name: str) -> str:
+    return next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
 
 
 def test_rerun_reproduces_results(run, tmp_path):
@@ -146,3 +160,48 @@ def test_rerun_reproduces_results(run, tmp_path):
         a[a["metric"] != "fit_time_s"].reset_index(drop=True),
         b[b["metric"] != "fit_time_s"].reset_index(drop=True),
     )
+
+
+def test_summary_says_what_each_interval_is_over(run):
+    out, summary, _ = run
+    s = pd.read_parquet(summary)
+    boot = s[s["task"].isin(["linear_probe", "knn", "chance"]) | s["metric"].isin(["trustworthiness", "recon_mse"])]
+    assert (boot["ci_method"] == "test_bootstrap").all() and (boot["n_seeds"] == CFG.bootstrap_samples).all()
+    assert ((boot["ci_low"] <= boot["value"]) & (boot["value"] <= boot["ci_high"])).all()
+    fewshot = s[s["task"].str.startswith("fewshot_")]
+    assert (fewshot["ci_method"] == "fewshot_episodes").all() and (fewshot["n_seeds"] == CFG.fewshot_seeds).all()
+    assert s.loc[s["metric"] == "fit_time_s", "ci_method"].isna().all()
+    chance = s[s["task"] == "chance"].set_index("metric")
+    assert list(s.loc[s["task"] == "chance", "representation"].unique()) == ["majority_class"]
+    test_labels = pd.read_parquet(out / "features" / "ae.parquet").query("split == 'test'")["label"]
+    assert chance.at["accuracy", "value"] == pytest.approx(test_labels.value_counts(normalize=True).max())
+
+
+def test_random_labels_on_a_narrow_table_read_as_a_tie_at_chance(tmp_path, caplog):
+    """10 features, 4 random labels, a learned width of 16: the report bolds no accuracy, says chance, and warns
+    that a latent at least as wide as the input is no bottleneck."""
+    rng = np.random.default_rng(0)
+    n, d = 240, 10
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = rng.integers(0, 4, n)
+    split = np.where(rng.permutation(n) < n // 4, "test", "train")
+    table = pd.DataFrame({f"f{i}": x[:, i] for i in range(d)}).assign(label=y, split=split)
+    table.to_parquet(tmp_path / "table.parquet", index=False)
+    features = tmp_path / "features"
+    write_features(features / "ae.parquet", sample_id=np.arange(n), split=split, label=y,
+                   z=np.tanh(x @ rng.normal(size=(d, 16))), metadata={"variant": "ae", "dataset": str(tmp_path / "table.parquet")})
+    cfg = EvalConfig(baselines=("raw", "pca"), fewshot_k=(5,), fewshot_seeds=3, applications=(), map_method="none")
+    with caplog.at_level(logging.WARNING, logger="evaluation"):
+        evaluate_dir(features, tmp_path, cfg)
+    assert any("K=16 is at or above the input width 10" in r.getMessage() for r in caplog.records)
+    report = (tmp_path / "report.md").read_text()
+    verdict = (tmp_path / "verdict.md").read_text().strip()
+    assert report.splitlines()[2] == f"**Verdict.** {verdict}"
+    assert verdict.startswith("On table.parquet (K=16), ") and "tied with" in verdict
+    assert "That is chance level" in verdict
+    assert "the latent width K=16 is at or above the input width 10, so no representation here is a bottleneck" in verdict
+    for name in ("ae", "raw", "pca"):
+        probe_acc, probe_f1, knn_acc, fewshot_acc = _row(report, name).split(" | ")[1:5]
+        assert "**" not in probe_acc + probe_f1 + knn_acc + fewshot_acc, _row(report, name)
+    assert _row(report, "*winner*").startswith("| *winner* | tie at chance | tie: ")
+    assert "| tie at chance | tie at chance |" in _row(report, "*winner*")  # kNN and few-shot

@@ -48,7 +48,8 @@ def test_probe_near_perfect_on_onehot_labels(tmp_path, synth):
     assert {c: str(t) for c, t in rows.dtypes.items()} == RESULT_DTYPES
     assert set(rows["task"]) == {"linear_probe"} and set(rows["metric"]) == {"accuracy", "macro_f1"}
     assert _value(rows, "accuracy") >= 0.98 and _value(rows, "macro_f1") >= 0.98
-    assert rows["k"].isna().all() and rows["n_seeds"].isna().all()
+    assert rows["k"].isna().all()
+    assert (rows["n_seeds"] == EvalConfig().bootstrap_samples).all() and (rows["ci_method"] == "test_bootstrap").all()
 
 
 def test_knn_chance_and_perfect(tmp_path, synth):

@@ -130,6 +130,8 @@ def test_headline_artifact(first_run):
     assert found["headline-results"].type == "markdown"
     md = found["headline-results"].data
     assert "linear probe acc" in md and "| ae |" in md and "| pca |" in md
+    verdict = (out / "verdict.md").read_text().strip()
+    assert verdict.startswith("On digits (K=8), ") and f"**Verdict.** {verdict}" in md  # the report's verdict
     assert "![" not in md  # plot links point at files next to report.md, not into the Prefect UI
     assert "mlflow-run" not in found  # tracking is off: no MLflow run to link to
 

@@ -107,8 +107,10 @@ def test_parent_run(tracked):
     assert tags["git_commit"] == "unknown" or len(tags["git_commit"]) == 40
     assert tags["best_variant"] in VARIANTS
     arts = _artifacts(client, parent.info.run_id)
-    assert {"config.json", "summary.parquet", "report.md"} <= arts
+    assert {"config.json", "summary.parquet", "verdict.md", "report.md"} <= arts
     assert any(a.startswith("plots/") and a.endswith(".png") for a in arts), arts
+    verdict = (out / "verdict.md").read_text().strip()
+    assert verdict.startswith("On digits (K=8), ") and tags["mlflow.note.content"] == verdict  # the run's description
     summary = pd.read_parquet(out / "summary.parquet")
     probe = summary[(summary.task == "linear_probe") & (summary.metric == "accuracy")].set_index("representation")
     for v in VARIANTS:
@@ -192,7 +194,8 @@ def _summary_of(client: MlflowClient, experiment: str) -> dict[str, object]:
     """What an experiment holds about its latest flow run, comparable across experiments."""
     _, parent = _parent(client, experiment)
     out = {"parent_params": parent.data.params, "parent_metrics": sorted(parent.data.metrics),
-           "parent_artifacts": _artifacts(client, parent.info.run_id)}
+           "parent_artifacts": _artifacts(client, parent.info.run_id),
+           "verdict": parent.data.tags.get("mlflow.note.content")}
     for v, run in _children(client, parent.info.run_id).items():
         out[v] = {
             "status": run.info.status,
