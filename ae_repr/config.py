@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +23,8 @@ from .errors import ConfigError
 
 ALL_VARIANTS = ("ae", "dae", "vae", "beta_vae", "vq_vae", "hier_vae")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+log = logging.getLogger(__name__)
 
 
 class _Frozen(BaseModel):
@@ -118,7 +121,7 @@ class EvalConfig(_Frozen):
     fewshot_seeds: int = Field(5, ge=2)
     fewshot_finetune: bool = True
     finetune_lr: float = Field(1e-3, gt=0)
-    finetune_epochs: int = Field(100, gt=0)
+    finetune_epochs: int = Field(100, gt=0)  # the fixed schedule of the end-to-end few-shot arms, at every k
     trustworthiness_max_rows: int = Field(2000, gt=10)
     map_method: Literal["tsne", "umap", "none"] = "tsne"
     map_max_rows: int = Field(2000, gt=10)
@@ -127,8 +130,6 @@ class EvalConfig(_Frozen):
     probe_c_grid: tuple[float, ...] = Field((0.01, 0.1, 1.0, 10.0, 100.0), min_length=1)  # linear-probe C grid
     probe_folds: int = Field(5, ge=2)  # stratified CV folds on the train split for choosing C
     fewshot_c: float = Field(1.0, gt=0)  # fixed C of the few-shot logistic head (k*C rows are too few for CV)
-    finetune_patience: int = Field(5, gt=0)  # epochs without held-out improvement before stopping
-    finetune_val_rows: int = Field(500, gt=0)  # held-out train rows (disjoint from the shots) for early stopping
     finetune_batch_size: int = Field(512, gt=0)  # k*C shots up to this size are one full batch
     # resamples of the test rows behind each single-split interval (linear probe, kNN, reduction, chance)
     bootstrap_samples: int = Field(1000, ge=100)
@@ -153,6 +154,23 @@ class EvalConfig(_Frozen):
     mig_bins: int = Field(20, ge=2)  # equal-width bins per latent for MIG's mutual information
     dci_model: Literal["gbt", "lasso"] = "gbt"  # importance matrix from gradient-boosted trees or lasso
     disentanglement_max_rows: int = Field(10000, gt=10)  # rows (train and test each) used by the estimators
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_retired(cls, data: Any) -> Any:
+        """Accept and ignore keys that no longer mean anything (every earlier run's config.json names them)."""
+        retired = sorted(_RETIRED_EVAL_KEYS.keys() & data.keys()) if isinstance(data, dict) else []
+        for key in retired:
+            log.warning("eval.%s is ignored: %s", key, _RETIRED_EVAL_KEYS[key])
+        return {k: v for k, v in data.items() if k not in _RETIRED_EVAL_KEYS} if retired else data
+
+
+# retired EvalConfig keys -> why they are ignored
+_RETIRED_EVAL_KEYS = {
+    key: "few-shot fine-tuning runs a fixed finetune_epochs schedule on the k shots per class, "
+    "with no held-out labelled rows and no early stopping"
+    for key in ("finetune_patience", "finetune_val_rows")
+}
 
 
 class TrackingConfig(_Frozen):

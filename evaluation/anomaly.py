@@ -9,11 +9,18 @@ is scored, and the test rows of the anomaly classes are the positives. Metrics: 
 A learned variant's pretrained model has seen every class, so it is retrained from scratch on the
 normal train rows with its own variant, model config, training config (epochs:
 `EvalConfig.anomaly_epochs`, else the training config's) and seed, into `<work_dir>/anomaly_model`
-(reused when a finished model with the same training key is there). Its score, in the retrained
-model's normalized space: deterministic autoencoders the squared reconstruction error summed over
-inputs; Gaussian-latent variants the negative ELBO (mean of -log w over `ELBO_DRAWS` posterior draws);
-vq_vae the quantization error. The model-free baselines are PCA (k components, squared
-reconstruction error) and scikit-learn's IsolationForest (score = -score_samples).
+(reused when a finished model with the same training key is there). Scores, in the retrained model's
+normalized space:
+
+- `auroc` / `auprc`, every variant: the reconstruction error, ||x - model.reconstruct(x)||^2 summed
+  over inputs (decode(encode(x)), the likelihood mean), so the headline metric means the same for all;
+- `auroc_neg_elbo` / `auprc_neg_elbo`, models with `log_weight` (the VAE family): the negative ELBO,
+  the mean of -log w over `ELBO_DRAWS` posterior draws;
+- `auroc_code_distance` / `auprc_code_distance`, models with `quantization_error` (vq_vae): the squared
+  distance from the encoder outputs to their nearest codes, summed over positions.
+
+The model-free baselines are PCA (k components, squared reconstruction error) and scikit-learn's
+IsolationForest (score = -score_samples); they get `auroc` / `auprc` only.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +43,7 @@ from ae_repr.data.dataset import make_dataset
 from ae_repr.models import Autoencoder, inference_copy
 from ae_repr.train import train_variant
 
-from .context import AppContext, Family, TaskOutput
+from .context import AppContext, TaskOutput
 from .inputs import single_thread
 from .results import result_frame, result_row
 
@@ -43,10 +51,11 @@ log = logging.getLogger(__name__)
 
 ELBO_DRAWS = 10  # posterior draws averaged into the negative-ELBO score
 _BATCH = 512  # rows per forward pass when scoring
+HEADLINE = "reconstruction"  # the score behind `auroc` / `auprc`; every other score is `auroc_<name>` / `auprc_<name>`
 _SCORE_NAMES = {
-    "deterministic": "reconstruction squared error",
-    "gaussian": f"negative ELBO ({ELBO_DRAWS} posterior draws)",
-    "vq": "quantization error",
+    HEADLINE: "squared reconstruction error (normalized input vs decode(encode(x)), summed over inputs)",
+    "neg_elbo": f"negative ELBO (mean -log w over {ELBO_DRAWS} posterior draws)",
+    "code_distance": "squared distance from the encoder outputs to their nearest codes, summed over positions",
 }
 
 
@@ -81,13 +90,14 @@ def anomaly(ctx: AppContext) -> TaskOutput:
     with work as directory:
         loaded = retrain_on_normal(ctx, normal_train, test, Path(directory) / "anomaly_model", epochs)
         x = loaded.normalizer.torch(torch.from_numpy(np.ascontiguousarray(ctx.x_raw[test])))
-        scores = model_scores(inference_copy(loaded.model), x, ctx.family, seed=ctx.seed)
+        scores = model_scores(inference_copy(loaded.model), x, seed=ctx.seed)
+    described = "; ".join(f"{_metric('auroc', n)}/{_metric('auprc', n)}: {_SCORE_NAMES[n]}" for n in scores)
     note = (
-        f"{ctx.name}: anomaly classes {list(anomalous)}; score: {_SCORE_NAMES[ctx.family]} of the "
-        f"{ctx.loaded.variant} retrained on the normal classes ({loaded.meta.get('epochs_run', epochs)} "
-        f"of {epochs} epochs)."
+        f"{ctx.name}: anomaly classes {list(anomalous)}; the {ctx.loaded.variant} retrained on the normal "
+        f"classes ({loaded.meta.get('epochs_run', epochs)} of {epochs} epochs); scores: {described}."
     )
-    return _output({ctx.name: scores}, truth, (note,))
+    headline = {ctx.name: scores.pop(HEADLINE)}
+    return _output(headline, truth, (note,), more={ctx.name: scores})
 
 
 def anomaly_baselines(ctx: AppContext, k: int) -> TaskOutput:
@@ -140,27 +150,51 @@ def retrain_on_normal(
 
 
 @torch.inference_mode()
-def model_scores(model: Autoencoder, x: torch.Tensor, family: Family, *, seed: int = 0) -> np.ndarray:
-    """Anomaly score per row of normalized inputs `x` (higher = more anomalous), float64 (n,)."""
+def model_scores(model: Autoencoder, x: torch.Tensor, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Anomaly scores per row of normalized inputs `x` (higher = more anomalous) by score name, float64 (n,).
+
+    Every model gets `HEADLINE` (reconstruction error); the others by what the model offers, not its class.
+    """
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    out = []
+    kinds: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        HEADLINE: lambda xb: (model.reconstruct(xb) - xb).pow(2).flatten(1).sum(1),  # (B, *shape) -> (B,)
+    }
+    if hasattr(model, "log_weight"):
+        kinds["neg_elbo"] = lambda xb: (
+            -model.log_weight(xb, generator, draws=ELBO_DRAWS).reshape(ELBO_DRAWS, len(xb)).mean(0)
+        )
+    if hasattr(model, "quantization_error"):
+        kinds["code_distance"] = model.quantization_error
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in kinds}
     for xb in x.split(_BATCH):
-        if family == "gaussian":
-            s = -model.log_weight(xb, generator, draws=ELBO_DRAWS).reshape(ELBO_DRAWS, len(xb)).mean(0)
-        elif family == "vq":
-            s = model.quantization_error(xb)
-        else:
-            s = (model.reconstruct(xb) - xb).pow(2).flatten(1).sum(1)  # (B, *shape) -> (B,)
-        out.append(s.double().cpu())
-    return torch.cat(out).numpy()
+        for name, score in kinds.items():
+            out[name].append(score(xb).double().cpu())
+    return {name: torch.cat(parts).numpy() for name, parts in out.items()}
 
 
-def _output(scores: dict[str, np.ndarray], truth: np.ndarray, notes: tuple[str, ...]) -> TaskOutput:
-    """Rows and pictures for each representation's test scores against the same truth."""
+def _metric(metric: str, score: str) -> str:
+    """`auroc` for the headline score, `auroc_<score>` for the others."""
+    return metric if score == HEADLINE else f"{metric}_{score}"
+
+
+def _output(
+    scores: dict[str, np.ndarray],
+    truth: np.ndarray,
+    notes: tuple[str, ...],
+    *,
+    more: dict[str, dict[str, np.ndarray]] | None = None,
+) -> TaskOutput:
+    """Rows and pictures for each representation's headline test scores against the same truth.
+
+    `more`: {representation: {score name: scores}}, rows `auroc_<name>` / `auprc_<name>` only (the
+    pictures, and so the ROC plot, stay on the headline score).
+    """
     rows, pictures = [], {}
     for name, s in scores.items():
-        rows.append(result_row(name, "anomaly", "auroc", roc_auc_score(truth, s)))
-        rows.append(result_row(name, "anomaly", "auprc", average_precision_score(truth, s)))
+        extra = (more or {}).get(name, {})
+        for score, values in {HEADLINE: s, **extra}.items():
+            rows.append(result_row(name, "anomaly", _metric("auroc", score), roc_auc_score(truth, values)))
+            rows.append(result_row(name, "anomaly", _metric("auprc", score), average_precision_score(truth, values)))
         pictures[f"{name}/anomaly_scores"] = np.asarray(s, dtype=np.float32)
         pictures[f"{name}/anomaly_truth"] = truth
     return TaskOutput(frame=result_frame(rows), pictures=pictures, notes=notes)

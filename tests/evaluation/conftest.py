@@ -22,7 +22,6 @@ def fast_cfg() -> EvalConfig:
         fewshot_k=(1, 5),
         fewshot_seeds=5,
         finetune_epochs=15,
-        finetune_patience=5,
         map_max_rows=80,
         trustworthiness_max_rows=200,
     )

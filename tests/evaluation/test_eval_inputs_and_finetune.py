@@ -19,7 +19,6 @@ from evaluation import (
     fewshot_scratch,
     summarize,
 )
-from evaluation.finetune import holdout_rows
 from evaluation.results import read_results
 
 QUICK = EvalConfig(fewshot_k=(1, 5), fewshot_seeds=3, map_method="none", trustworthiness_max_rows=100)
@@ -105,15 +104,6 @@ def test_runtime_failure_is_reported_and_raised(tmp_path, synth, monkeypatch):
     assert "pca" not in set(pd.read_parquet(tmp_path / "summary.parquet")["representation"])
 
 
-def test_holdout_rows_are_train_rows_disjoint_from_shots():
-    train = np.arange(0, 200, 2)
-    shots = train[:10]
-    val = holdout_rows(train, shots, 50, seed=1)
-    assert len(val) == 50 and np.isin(val, train).all() and not np.isin(val, shots).any()
-    assert np.array_equal(val, holdout_rows(train, shots, 50, seed=1))
-    assert len(holdout_rows(train, shots, 10_000, seed=1)) == len(train) - len(shots)
-
-
 @pytest.fixture
 def ae_file(tmp_path, synth):
     return read_features(
@@ -133,7 +123,7 @@ def test_finetune_starts_from_the_frozen_head(ae_file):
 
 def test_finetune_and_scratch_rows(ae_file):
     cfg = QUICK.model_copy(
-        update={"fewshot_k": (2,), "finetune_epochs": 6, "finetune_patience": 3, "finetune_lr": 1e-2}
+        update={"fewshot_k": (2,), "finetune_epochs": 6, "finetune_lr": 1e-2}
     )
     for fn, task in ((fewshot_finetune, "fewshot_finetune"), (fewshot_scratch, "fewshot_scratch")):
         rows = fn(ae_file, cfg)
@@ -164,6 +154,107 @@ def test_scratch_builds_a_fresh_model_of_the_same_variant_and_config(ae_file, mo
     built.clear()
     fewshot_finetune(ae_file, QUICK.model_copy(update={"finetune_epochs": 2}))
     assert built == []  # fine-tuning starts from the pretrained weights
+
+
+@pytest.mark.parametrize("arm", ["finetune", "scratch"])
+def test_end_to_end_arms_see_only_the_k_shots_labels_for_a_fixed_schedule(ae_file, monkeypatch, arm):
+    """No labelled train row beyond the k shots per class is read (k = 1 included); every epoch runs."""
+    import torch
+
+    import evaluation.finetune as finetune
+    from evaluation.fewshot import fewshot_episodes
+
+    class RowSpy:
+        """The raw samples, recording which rows the arm reads."""
+
+        def __init__(self, x: np.ndarray) -> None:
+            self.x, self.read = x, []
+
+        def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+            self.read.append(np.asarray(rows))
+            return self.x[rows]
+
+    real_raw = finetune.raw_inputs
+    spy = RowSpy(real_raw(ae_file).x)
+    monkeypatch.setattr(finetune, "raw_inputs", lambda ff: type("Raw", (), {"x": spy})())
+    batch_sizes = []
+    real_ce = torch.nn.functional.cross_entropy
+
+    def counting_ce(logits, target, *args, **kwargs):
+        batch_sizes.append(len(target))
+        return real_ce(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", counting_ce)
+    cfg = QUICK.model_copy(update={"fewshot_k": (1, 5), "fewshot_seeds": 3, "finetune_epochs": 12, "finetune_lr": 0.05})
+    getattr(finetune, f"fewshot_{arm}")(ae_file, cfg)
+
+    split = ae_file.frame["split"].to_numpy()
+    test = np.flatnonzero(split == "test")
+    episodes = {k: fewshot_episodes(ae_file, k, 3, seed=0) for k in (1, 5)}
+    allowed = [test] + [shots for eps in episodes.values() for shots in eps]
+    for rows in spy.read:  # each read is the test split or one episode's shots, never anything else
+        assert any(np.array_equal(np.sort(rows), np.sort(a)) for a in allowed), f"read rows outside the shots: {rows}"
+    n_classes = len(np.unique(ae_file.frame["label"]))
+    # a fixed schedule: finetune_epochs full-batch steps on the k*C shots for each of the 3 episodes, at every k
+    assert batch_sizes == [n_classes] * 12 * 3 + [5 * n_classes] * 12 * 3
+
+
+def test_vq_vae_scratch_arm_starts_from_a_codebook_drawn_from_the_shots(tmp_path, synth, monkeypatch):
+    """The scratch arm's codebook holds encoder outputs of the shots, not the tiny uniform init; fine-tuning's is the pretrained one."""
+    import torch
+
+    import evaluation.finetune as finetune
+    from ae_repr.checkpoint import load_model, save_model
+    from ae_repr.data import Normalizer
+    from ae_repr.models import build_model, model_config
+
+    vq_cfg = model_config("vq_vae", latent_dim=K, hidden=(32,), code_dim=2, codebook_size=16)
+    pretrained = build_model("vq_vae", vq_cfg, (synth.x.shape[1],), "gaussian", seed=3)
+    with torch.no_grad():  # a pretrained-looking codebook, unlike both the uniform init and encoder outputs
+        pretrained.codebook.copy_(torch.linspace(-5, 5, 32).reshape(16, 2))
+    model_dir = save_model(
+        tmp_path / "models" / "vq_vae",
+        pretrained.eval(),
+        variant="vq_vae",
+        normalizer=Normalizer(np.zeros(synth.x.shape[1]), np.ones(synth.x.shape[1]), "standard"),
+    )
+    ff = read_features(learned_feature_file(tmp_path / "features", synth, model_dir, name="vq_vae"))
+    seen = []
+    real = finetune._train_and_score
+
+    def spy(model, shots, *args, **kwargs):
+        with torch.no_grad():
+            outputs = model.encoder(shots[0]).reshape(-1, 2)  # the shots' encoder outputs, one row per code slot
+        seen.append((model.codebook.detach().clone(), outputs))
+        return real(model, shots, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "_train_and_score", spy)
+    cfg = QUICK.model_copy(update={"fewshot_k": (1,), "finetune_epochs": 1})
+    finetune.fewshot_scratch(ff, cfg)
+    assert len(seen) == 3
+    for codebook, outputs in seen:
+        # every code is one of the shots' encoder outputs (the uniform init lies within +-1/16)
+        distance = torch.cdist(codebook, outputs).min(1).values
+        assert distance.max() < 1e-5
+        assert codebook.abs().max() > 1.0 / 16
+    seen.clear()
+    finetune.fewshot_finetune(ff, cfg)
+    saved = load_model(model_dir).model.codebook
+    assert all(torch.equal(codebook, saved) for codebook, _ in seen)  # the pretrained codebook, untouched
+
+
+def test_retired_early_stopping_keys_are_accepted_and_ignored(caplog):
+    """An earlier run's config (its config.json names every field) still loads; the keys say why they are ignored."""
+    from ae_repr.config import ExperimentConfig, validate_config
+
+    old = ExperimentConfig().model_dump(mode="json")
+    old["eval"].update(finetune_patience=3, finetune_val_rows=100, finetune_epochs=7)
+    with caplog.at_level("WARNING", logger="ae_repr.config"):
+        cfg = validate_config(old)
+    assert cfg.eval == EvalConfig(finetune_epochs=7)
+    assert not hasattr(cfg.eval, "finetune_patience") and not hasattr(cfg.eval, "finetune_val_rows")
+    assert "eval.finetune_patience is ignored: few-shot fine-tuning runs a fixed finetune_epochs" in caplog.text
+    assert "eval.finetune_val_rows is ignored" in caplog.text
 
 
 @pytest.mark.parametrize("n_classes", [2, 4])

@@ -25,7 +25,6 @@ CFG = EvalConfig(
     fewshot_k=(1, 5),
     fewshot_seeds=3,
     finetune_epochs=8,
-    finetune_patience=3,
     map_max_rows=80,
     trustworthiness_max_rows=200,
 )
