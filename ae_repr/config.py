@@ -154,6 +154,10 @@ class EvalConfig(_Frozen):
     mig_bins: int = Field(20, ge=2)  # equal-width bins per latent for MIG's mutual information
     dci_model: Literal["gbt", "lasso"] = "gbt"  # importance matrix from gradient-boosted trees or lasso
     disentanglement_max_rows: int = Field(10000, gt=10)  # rows (train and test each) used by the estimators
+    # retrain: the champion alias moves only when the new model's linear probe is significantly better on a
+    # validation part of the train split (McNemar's exact test, one-sided); the test split is left for reporting
+    promotion_alpha: float = Field(0.05, gt=0, lt=1)
+    promotion_val_fraction: float = Field(0.2, gt=0, lt=1)  # of each class's train rows
 
     @model_validator(mode="before")
     @classmethod

@@ -5,22 +5,32 @@ dimension is cut into equal-width bins over its own range; per factor, the gap b
 mutual informations (nats) with a code dimension, divided by the factor's entropy, averaged over factors.
 DCI (Eastwood & Williams 2018, "A Framework for the Quantitative Evaluation of Disentangled
 Representations"): one regressor per factor predicts the factor's index from the code; its importances
-form R (K, F); disentanglement is 1 - the normalized entropy of each code dimension's row of R, weighted
-by the row's share of R; completeness is 1 - the normalized entropy of each factor's column, averaged.
-Every factor is treated as ordinal (its grid index is the regression target), also categorical ones such
-as dSprites' shape. Informativeness here is the mean test R^2 clipped to [0, 1], so higher is better;
-the paper reports a prediction error instead. SAP (Kumar et al. 2018, "Variational Inference of
-Disentangled Latent Concepts from Unlabeled Observations"): S[i, j] is the test R^2 of a 1-D linear
-regression of factor j on code dimension i fitted on train rows (clipped at 0); per factor, the top score
-minus the second, averaged. Factors with a single value are skipped by every score. The task
-scores at most `disentanglement_max_rows` train and test rows each; DCI's boosted trees see at most
-3,000 of those train rows (their cost grows with rows; the importances hardly change).
+form R (K, F). As in disentanglement_lib, disentanglement is sum_i rho_i (1 - H_F(P_i.)), P_i. code
+dimension i's row of R normalized and rho_i its share of all importance; completeness is
+sum_j rho_j (1 - H_K(P_.j)), P_.j factor j's column normalized and rho_j the factor's share of all
+importance (entropies in base F and K, so each term lies in [0, 1]). Every factor is treated as
+ordinal (its grid index is the regression target), also categorical ones such as dSprites' shape.
+Informativeness here is the mean test R^2 clipped to [0, 1], so higher is better; the paper reports a
+prediction error instead. SAP (Kumar et al. 2018, "Variational Inference of Disentangled Latent Concepts
+from Unlabeled Observations"): S[i, j] scores code dimension i alone against factor j, fitted on train
+rows and scored on test rows; for a discrete factor it is the test accuracy of a threshold classifier on
+the dimension (a greedy decision tree with as many leaves as the factor has values: the line cut into
+intervals, one value each, in any order), for a continuous one the test R^2 of a 1-D linear regression
+(clipped at 0); per factor, the top score minus the second, averaged. disentanglement_lib scores
+discrete factors by the accuracy of a one-vs-rest `LinearSVC(C=0.01)` on the dimension instead; one-vs-rest
+lines on one dimension cannot pick out a middle value, so a perfect code of a 10-valued ordinal factor
+scores about 0.2 there (the thresholds: 1.0). Factors here are grid indices, so every factor is scored
+as discrete (disentanglement_lib does the same for dSprites). Factors with a single value are skipped
+by every score. The task scores at most `disentanglement_max_rows` train and
+test rows each; DCI's boosted trees see at most 3,000 of those train rows (their cost grows with rows;
+the importances hardly change).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +42,7 @@ from sklearn.linear_model import Lasso, LinearRegression
 from sklearn.metrics import mutual_info_score, r2_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.tree import DecisionTreeClassifier
 
 from .context import AppContext, TaskOutput
 from .inputs import single_thread, subsample
@@ -93,6 +104,19 @@ def _one_minus_entropy(p: np.ndarray, n: int) -> np.ndarray:
     return 1.0 - entropy(p, base=n, axis=1) if n > 1 else np.ones(len(p))
 
 
+def dci_scores(r: np.ndarray) -> tuple[float, float]:
+    """DCI disentanglement and completeness of an importance matrix R (K, F), each term weighted by its share of R."""
+    rows, cols = r.sum(axis=1), r.sum(axis=0)
+    total = r.sum()
+    if total == 0:  # no regressor used the code at all
+        return 0.0, 0.0
+    used = rows > 0  # code dims with zero importance get weight 0
+    d = _one_minus_entropy(r[used] / rows[used, None], r.shape[1])
+    explained = cols > 0  # factors no dim explains get weight 0
+    c = _one_minus_entropy((r[:, explained] / cols[explained]).T, r.shape[0])
+    return float(rows[used] / total @ d), float(cols[explained] / total @ c)
+
+
 def dci(
     z_train: np.ndarray,
     f_train: np.ndarray,
@@ -102,7 +126,7 @@ def dci(
     model: Literal["gbt", "lasso"] = "gbt",
     seed: int = 0,
 ) -> DCIResult:
-    """DCI disentanglement, completeness and informativeness (mean test R^2) from per-factor regressors."""
+    """DCI disentanglement, completeness (both importance-weighted) and informativeness (mean test R^2)."""
     k, n_factors = z_train.shape[1], f_train.shape[1]
     keep = np.flatnonzero(_varying(f_train, f_test))
     importance = np.full((k, n_factors), np.nan)
@@ -114,27 +138,42 @@ def dci(
             r2.append(np.clip(fitted.score(z_test, f_test[:, j].astype(np.float64)), 0.0, 1.0))
     if not len(keep):
         return DCIResult(float("nan"), float("nan"), float("nan"), importance)
-    r = importance[:, keep]  # (K, F') over varying factors
-    rows, cols = r.sum(axis=1), r.sum(axis=0)
-    if rows.sum() == 0:  # no regressor used the code at all
-        return DCIResult(0.0, 0.0, float(np.mean(r2)), importance)
-    used = rows > 0  # code dims with zero importance get weight 0
-    d = _one_minus_entropy(r[used] / rows[used, None], len(keep))
-    rho = rows[used] / rows.sum()
-    c = _one_minus_entropy((r[:, cols > 0] / cols[cols > 0]).T, k)  # factors no dim explains are skipped
-    return DCIResult(float(rho @ d), float(c.mean()), float(np.mean(r2)), importance)
+    d, c = dci_scores(importance[:, keep])
+    return DCIResult(d, c, float(np.mean(r2)), importance)
 
 
-def sap(z_train: np.ndarray, f_train: np.ndarray, z_test: np.ndarray, f_test: np.ndarray) -> float:
-    """SAP: per non-constant factor, the gap between the two best single-dimension linear test R^2, averaged."""
+def _sap_score(z_train: np.ndarray, f_train: np.ndarray, z_test: np.ndarray, f_test: np.ndarray, discrete: bool) -> float:
+    """One code dimension against one factor: test accuracy of a 1-D threshold classifier, or test R^2 (continuous)."""
+    if discrete:
+        # thresholds on the one dimension: as many intervals as the factor has values, in any order
+        clf = DecisionTreeClassifier(max_leaf_nodes=max(2, len(np.unique(f_train))), random_state=0)
+        clf.fit(z_train[:, None], f_train)
+        return float(np.mean(clf.predict(z_test[:, None]) == f_test))
+    fit = LinearRegression().fit(z_train[:, None], f_train)
+    return max(0.0, float(r2_score(f_test, fit.predict(z_test[:, None]))))
+
+
+def sap(
+    z_train: np.ndarray,
+    f_train: np.ndarray,
+    z_test: np.ndarray,
+    f_test: np.ndarray,
+    discrete: Sequence[bool] | None = None,
+) -> float:
+    """SAP: per non-constant factor, the gap between the two best single-dimension test scores, averaged.
+
+    `discrete` (F,) says which factors are scored by classification accuracy (None: all of them), the
+    rest by linear R^2.
+    """
     keep = np.flatnonzero(_varying(f_train, f_test))
     if not len(keep):
         return float("nan")
+    discrete = np.ones(f_train.shape[1], bool) if discrete is None else np.asarray(discrete, bool)
     score = np.zeros((z_train.shape[1], len(keep)))  # (K, F')
-    for i in range(z_train.shape[1]):
-        for col, j in enumerate(keep):
-            fit = LinearRegression().fit(z_train[:, i : i + 1], f_train[:, j])
-            score[i, col] = max(0.0, r2_score(f_test[:, j], fit.predict(z_test[:, i : i + 1])))
+    with single_thread():
+        for i in range(z_train.shape[1]):
+            for col, j in enumerate(keep):
+                score[i, col] = _sap_score(z_train[:, i], f_train[:, j], z_test[:, i], f_test[:, j], discrete[j])
     top = -np.sort(-score, axis=0)  # (K, F'), descending per factor
     second = top[1] if len(top) > 1 else np.zeros(len(keep))
     return float(np.mean(top[0] - second))
@@ -174,7 +213,10 @@ def disentanglement(ctx: AppContext) -> TaskOutput:
     note = (
         f"disentanglement ({ctx.name}): MIG {cfg.mig_bins} equal-width bins on {len(tr)} train rows; "
         f"DCI {estimator} on {len(dci_tr)} train rows, factors as ordinal indices, "
-        f"informativeness = mean test R² on {len(te)} test rows; SAP linear R² on {len(tr)}/{len(te)} rows"
+        f"informativeness = mean test R² on {len(te)} test rows, completeness weighted by factor importance; "
+        f"SAP test accuracy of a threshold classifier (at most one interval per value) per dimension and factor "
+        f"(every factor discrete) "
+        f"on {len(tr)}/{len(te)} rows"
     )
     pictures = {
         f"{ctx.name}/dci_importance": scores.importance.astype(np.float32),

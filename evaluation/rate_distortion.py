@@ -6,20 +6,24 @@ Protocol: over all test rows, in batches, with posterior draws from a generator 
 evaluation seed: `rate` is the mean total KL in nats (hier_vae: every level's
 KL, lower levels scored at a posterior draw of the levels above, as in its loss), `distortion` the
 mean `recon` term of the model's own loss (the Gaussian likelihood's constant D/2 log 2*pi is left
-out, as the loss leaves it out), and `active_units` the number of latent dimensions whose posterior
-mean varies over the test rows by more than 0.01 (Burda et al. 2016). Picture `<name>/kl_per_dim`
-holds the mean KL of every latent dimension (hier_vae: levels concatenated bottom first). Models
-without a Gaussian posterior and prior (ae, dae, vq_vae) give no rows.
+out, as the loss leaves it out), and `active_units` the number of latent dimensions that carry
+information: whose mean KL(q(z_d|x) || p(z_d)) over the test rows exceeds 0.01 nats. (Burda et al.
+2016 count posterior means that vary; a hier_vae level whose posterior follows its conditional prior
+has varying means and no KL, so the KL is what is counted here.) Models with levels (`level_dims`,
+hier_vae) also give `active_units_0`, `active_units_1`, ... per level, bottom first. Picture
+`<name>/kl_per_dim` holds the mean KL of every latent dimension (hier_vae: levels concatenated bottom
+first). Models without a Gaussian posterior and prior (ae, dae, vq_vae) give no rows.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from ae_repr.losses import active_units, gaussian_kl
+from ae_repr.losses import gaussian_kl
 from ae_repr.models import Autoencoder
 from ae_repr.models.hier_vae import HierVAE
 from ae_repr.models.vae import VAE
@@ -30,7 +34,7 @@ from .results import result_frame, result_row
 log = logging.getLogger(__name__)
 
 BATCH = 512  # test rows per forward pass
-THRESHOLD = 0.01  # posterior-mean variance above which a unit counts as active
+THRESHOLD = 0.01  # mean KL (nats) above which a latent dimension counts as active
 
 
 def kl_per_dim(model: Autoencoder, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -47,6 +51,19 @@ def kl_per_dim(model: Autoencoder, x: torch.Tensor, generator: torch.Generator |
     raise TypeError(f"{type(model).__name__} has no Gaussian posterior and prior")
 
 
+def active_unit_counts(
+    per_dim: np.ndarray, level_dims: Sequence[int] | None = None, threshold: float = THRESHOLD
+) -> dict[str, int]:
+    """`active_units`: dims whose mean KL exceeds `threshold` nats; with `level_dims`, `active_units_<l>` per level too."""
+    active = np.asarray(per_dim) > threshold
+    counts = {"active_units": int(active.sum())}
+    if level_dims is not None:
+        assert sum(level_dims) == len(active), f"level_dims {list(level_dims)} do not cover {len(active)} dims"
+        for lvl, part in enumerate(np.split(active, np.cumsum(level_dims)[:-1])):  # bottom first
+            counts[f"active_units_{lvl}"] = int(part.sum())
+    return counts
+
+
 def rate_distortion(ctx: AppContext) -> TaskOutput:
     """Test-split rate (mean KL), distortion (mean recon term) and active units of a Gaussian-latent model."""
     if ctx.family != "gaussian":
@@ -54,7 +71,7 @@ def rate_distortion(ctx: AppContext) -> TaskOutput:
     model = ctx.model
     device = next(model.parameters()).device
     rows = ctx.rows("test")
-    kl_sum, recon_sum, means = None, 0.0, []
+    kl_sum, recon_sum = None, 0.0
     with torch.inference_mode():
         generator = torch.Generator(device).manual_seed(ctx.seed)
         for start in range(0, len(rows), BATCH):
@@ -62,21 +79,22 @@ def rate_distortion(ctx: AppContext) -> TaskOutput:
             kl = kl_per_dim(model, x, generator).sum(0)  # (K,)
             kl_sum = kl if kl_sum is None else kl_sum + kl
             recon_sum += float(model.loss(x, generator=generator)["recon"]) * len(x)  # the loss reports a batch mean
-            means.append(model.encode(x))
-        mu = torch.cat(means)  # (N_test, K)
     per_dim = (kl_sum / len(rows)).double().cpu().numpy()
-    units = int(active_units(mu, THRESHOLD).item())
+    units = active_unit_counts(per_dim, getattr(model, "level_dims", None))
     frame = result_frame(
         [
             result_row(ctx.name, "rate_distortion", "rate", per_dim.sum()),
             result_row(ctx.name, "rate_distortion", "distortion", recon_sum / len(rows)),
-            result_row(ctx.name, "rate_distortion", "active_units", units),
+            *(result_row(ctx.name, "rate_distortion", metric, n) for metric, n in units.items()),
         ]
     )
-    log.info("%s: rate %.2f, distortion %.2f nats, %d active units", ctx.name, per_dim.sum(), recon_sum / len(rows), units)
+    log.info("%s: rate %.2f, distortion %.2f nats, active units %s", ctx.name, per_dim.sum(),
+             recon_sum / len(rows), units)
+    per_level = [n for metric, n in units.items() if metric != "active_units"]
+    levels = f" ({'/'.join(map(str, per_level))} per level, bottom first)" if per_level else ""
     note = (
         f"rate_distortion ({ctx.name}): rate = mean KL(q(z|x) || p(z)), distortion = mean recon term of the "
         f"model's loss (Gaussian constant left out), on {len(rows)} test rows, seed {ctx.seed}; "
-        f"active units: posterior-mean variance > {THRESHOLD}; beta={model.cfg.beta:g}"
+        f"active units: dimensions with mean KL > {THRESHOLD} nats{levels}; beta={model.cfg.beta:g}"
     )
     return TaskOutput(frame=frame, pictures={f"{ctx.name}/kl_per_dim": per_dim.astype(np.float32)}, notes=(note,))

@@ -1,21 +1,23 @@
 """The `retrain` flow (deployment `weekly-retrain`): retrain on the current data, then move each
-variant's MLflow `champion` alias only when the new model beats it by a margin.
+variant's MLflow `champion` alias only when the new model is significantly better.
 
-For every variant the new linear-probe test accuracy (from `<out>/summary.parquet`) is compared with
-the `eval/linear_probe_accuracy` metric of the run behind the version of `ae-repr-<variant>` that
-holds the alias `champion`. The decision is recorded as tags on the new model version and as a
-Prefect markdown artifact.
+For every variant, the new encoder's features and the champion's encoder (the version of
+`ae-repr-<variant>` holding the alias `champion`, loaded from the registry and run on the same rows)
+get linear-probe heads fitted on the train split minus a validation part and are compared on that part
+with McNemar's exact one-sided test (`evaluation.champion`); the alias moves when p <= `eval.promotion_alpha`.
+The test split is not used for the decision. The statistic and the decision are recorded as tags on the
+new model version, as `retrain/*` metrics and `retrain.*` tags on the new version's run, in the log and
+as a Prefect markdown artifact.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -24,27 +26,29 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, Failed, State
 
 from ae_repr.config import ExperimentConfig
+from evaluation.champion import PairedTest, compare_with_champion
+from evaluation.inputs import load_feature_file
 
 from .pretrain_and_probe import default_out, pretrain_and_probe, resolve_config
 from .tracking import CHAMPION, registered_name, tracking_uri
 
 FLOW_NAME = "retrain"
 ALIAS = CHAMPION
-METRIC = "eval/linear_probe_accuracy"
 log = logging.getLogger(__name__)
+
+Compare = Callable[[ModelVersion], PairedTest]  # the champion's version -> the paired test against it
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What happened to one variant's champion alias."""
+    """What happened to one variant's champion alias, and the paired test behind it (None: no test run)."""
 
     variant: str
     new_version: str | None
-    new_accuracy: float | None
     champion_version: str | None
-    champion_accuracy: float | None
     promoted: bool
     reason: str
+    test: PairedTest | None = None
 
     @property
     def verdict(self) -> str:
@@ -54,32 +58,18 @@ class Decision:
         return "kept" if self.new_version is not None else "skipped"
 
 
-def decide(new: float, old: float | None, margin: float) -> tuple[bool, str]:
-    """Whether a model with accuracy `new` replaces a champion with `old` (None: no champion), and why."""
-    if old is None:
-        return True, f"no champion yet; new accuracy {new:.4f}"
-    if new > old + margin:
-        return True, f"new {new:.4f} > champion {old:.4f} + margin {margin:g}"
-    return False, f"new {new:.4f} <= champion {old:.4f} + margin {margin:g}"
+def decide(test: PairedTest) -> tuple[bool, str]:
+    """Whether the new model replaces the champion, and why: only when significantly better at level alpha."""
+    verdict = "significantly better" if test.better else "not significantly better"
+    return test.better, f"new model {verdict}: {test.describe()}"
 
 
-def linear_probe_accuracy(summary: Path) -> dict[str, float]:
-    """Each representation's linear-probe test accuracy from a `summary.parquet`."""
-    df = pd.read_parquet(summary)
-    rows = df[(df["task"] == "linear_probe") & (df["metric"] == "accuracy") & df["k"].isna()]
-    return {str(r.representation): float(r.value) for r in rows.itertuples(index=False)}
-
-
-def champion(client: MlflowClient, name: str) -> tuple[ModelVersion | None, float | None]:
-    """The version holding the `champion` alias of `name` (None if none) and its run's accuracy metric."""
+def champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    """The version holding the `champion` alias of `name`, or None."""
     try:
-        version = client.get_model_version_by_alias(name, ALIAS)
+        return client.get_model_version_by_alias(name, ALIAS)
     except MlflowException:  # no such registered model, or no version holds the alias
-        return None, None
-    if not version.run_id:
-        return version, None
-    value = client.get_run(version.run_id).data.metrics.get(METRIC)
-    return version, (None if value is None or math.isnan(value) else float(value))
+        return None
 
 
 def new_versions(client: MlflowClient, experiment: str, flow_run_id: str) -> dict[str, ModelVersion]:
@@ -102,45 +92,71 @@ def new_versions(client: MlflowClient, experiment: str, flow_run_id: str) -> dic
     return out
 
 
-def update_champion(client: MlflowClient, variant: str, new: ModelVersion | None, accuracy: float | None,
-                    margin: float) -> Decision:
-    """Compare one variant's new version with its champion; move the alias when better; tag the new version."""
+def record(client: MlflowClient, name: str, new: ModelVersion, decision: Decision) -> None:
+    """The decision as tags on the new model version, and as `retrain/*` metrics and tags on its run."""
+    tags = {"retrain.decision": "promoted" if decision.promoted else "kept", "retrain.reason": decision.reason,
+            "retrain.previous_champion": decision.champion_version or ""}
+    if decision.test is not None:
+        tags |= {"retrain.alpha": f"{decision.test.alpha:g}", "retrain.p_value": repr(decision.test.p_value)}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, new.version, key, value)
+    if not new.run_id:
+        return
+    for key, value in tags.items():
+        client.set_tag(new.run_id, key, value[:5000])  # run tags hold at most 5,000 characters
+    if decision.test is not None:
+        for key, value in decision.test.as_dict().items():
+            client.log_metric(new.run_id, f"retrain/{key}", float(value))
+
+
+def update_champion(client: MlflowClient, variant: str, new: ModelVersion | None, compare: Compare) -> Decision:
+    """Test one variant's new version against its champion; move the alias when better; record the decision."""
     name = registered_name(variant)
-    old, old_acc = champion(client, name)
+    old = champion(client, name)
     old_version = str(old.version) if old is not None else None  # stores differ: int or str
-    if new is None or accuracy is None or math.isnan(accuracy):
-        why = "no new model version registered" if new is None else "no linear-probe accuracy in this run"
-        return Decision(variant, str(new.version) if new else None, accuracy, old_version, old_acc, False, why)
-    new_version = str(new.version)
-    holds = old_version == new_version
-    if holds:
-        # the tracker gives the alias to the first version ever registered: nothing earlier to beat
-        promoted, why = True, f"first registered version; new accuracy {accuracy:.4f}"
-        old_version, old_acc = None, None
-    elif old is not None and old_acc is None:
-        promoted, why = False, f"champion v{old_version} has no {METRIC}; alias left in place"
+    if new is None:
+        return Decision(variant, None, old_version, False, "no new model version registered")
+    new_version, test = str(new.version), None
+    holds = old_version == new_version  # the tracker gives the alias to the first version ever registered
+    if old is None or holds:
+        promoted, why, old_version = True, "no earlier champion to test against", None
     else:
-        promoted, why = decide(accuracy, old_acc, margin)
+        try:
+            test = compare(old)
+        except Exception as e:  # a champion that cannot be scored on this data is left in place, with the reason
+            promoted, why = False, f"champion v{old_version} not compared ({e.__class__.__name__}: {e}); alias left"
+        else:
+            promoted, why = decide(test)
     if promoted and not holds:
         client.set_registered_model_alias(name, ALIAS, new_version)
-    tags = {"retrain.decision": "promoted" if promoted else "kept", "retrain.reason": why,
-            "retrain.margin": str(margin), "retrain.previous_champion": str(old_version or "")}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, new_version, key, value)
-    return Decision(variant, new_version, accuracy, old_version, old_acc, promoted, why)
+    decision = Decision(variant, new_version, old_version, promoted, why, test)
+    record(client, name, new, decision)
+    return decision
 
 
-def decisions_markdown(decisions: list[Decision], margin: float) -> str:
+def load_encoder(uri: str, version: ModelVersion) -> Any:
+    """A registered encoder (raw inputs in, representation out), on the CPU."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # `models:/` resolves through the process-wide registry URI
+    return mlflow.pytorch.load_model(f"models:/{version.name}/{version.version}", map_location="cpu")
+
+
+def decisions_markdown(decisions: list[Decision], alpha: float) -> str:
     """The decisions as a markdown table."""
-    def num(x: float | None) -> str:
-        return "–" if x is None else f"{x:.4f}"
+    def num(t: PairedTest | None, field: str, fmt: str = ".4f") -> str:
+        return "–" if t is None else format(getattr(t, field), fmt)
 
-    lines = [f"# Champion decisions (margin {margin:g})", "",
-             "| variant | new version | new accuracy | champion before | champion accuracy | decision | why |",
-             "|---|---:|---:|---:|---:|---|---|"]
+    lines = [f"# Champion decisions (McNemar exact one-sided, alpha {alpha:g}, validation part of the train split)",
+             "", "| variant | new version | champion before | val rows | new val accuracy | champion val accuracy "
+             "| new-only / champion-only correct | p | decision | why |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for d in decisions:
-        lines.append(f"| {d.variant} | {d.new_version or '–'} | {num(d.new_accuracy)} | "
-                     f"{d.champion_version or '–'} | {num(d.champion_accuracy)} | **{d.verdict}** | {d.reason} |")
+        t = d.test
+        counts = "–" if t is None else f"{t.new_only} / {t.champion_only}"
+        lines.append(f"| {d.variant} | {d.new_version or '–'} | {d.champion_version or '–'} | "
+                     f"{'–' if t is None else t.val_rows} | {num(t, 'new_val_accuracy')} | {num(t, 'champion_val_accuracy')} "
+                     f"| {counts} | {num(t, 'p_value', '.4g')} | **{d.verdict}** | {d.reason} |")
     return "\n".join(lines)
 
 
@@ -152,29 +168,31 @@ def retrain(
     epochs: int | None = None,
     latent_dim: int | None = None,
     out: str | None = None,
-    margin: float = 0.005,
 ) -> State:
-    """Run pretrain-and-probe on the current data; promote each variant's new model when it beats the champion."""
+    """Run pretrain-and-probe on the current data; promote each variant's new model when significantly better."""
     logger = get_run_logger()
-    if not margin >= 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
     cfg = resolve_config(config, dataset=dataset, variants=variants, epochs=epochs, latent_dim=latent_dim)
     if not (cfg.tracking.enabled and cfg.tracking.register_models):
         raise ValueError("retrain compares registered MLflow models: set tracking.enabled and "
                          "tracking.register_models to true")
     out_dir = Path(out or default_out(cfg)).resolve()
     state = pretrain_and_probe(config=cfg, out=str(out_dir), return_state=True)
-    summary = out_dir / "summary.parquet"
-    accuracy = linear_probe_accuracy(summary) if summary.is_file() else {}
     uri = tracking_uri()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     versions = new_versions(client, cfg.tracking.experiment, str(state.state_details.flow_run_id))
-    decisions = [update_champion(client, v, versions.get(v), accuracy.get(v), margin) for v in cfg.models.variants]
+
+    def compare(variant: str) -> Compare:
+        features = out_dir / "features" / f"{variant}.parquet"
+        return lambda old: compare_with_champion(load_feature_file(features), load_encoder(uri, old), cfg.eval,
+                                                 seed=cfg.seed)
+
+    decisions = [update_champion(client, v, versions.get(v), compare(v)) for v in cfg.models.variants]
     for d in decisions:
         logger.info("%s: %s (%s)", d.variant, d.verdict, d.reason)
-    create_markdown_artifact(markdown=decisions_markdown(decisions, margin), key="champion-decisions",
-                             description="retrain: champion alias decisions")
+    create_markdown_artifact(markdown=decisions_markdown(decisions, cfg.eval.promotion_alpha),
+                             key="champion-decisions", description="retrain: champion alias decisions")
     result: dict[str, Any] = {d.variant: d.verdict for d in decisions}
+    tests = {d.variant: d.test.as_dict() for d in decisions if d.test is not None}
     if not state.is_completed():
         return Failed(message=f"pretrain-and-probe: {state.message}; decisions: {result}")
-    return Completed(message=f"decisions: {result}", data=result)
+    return Completed(message=f"decisions: {result}; paired tests: {tests}", data=result)

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.tree import DecisionTreeClassifier
 
 from ae_repr.config import EvalConfig
 from ae_repr.data import factor_values, load_dataset
 from ae_repr.io import write_features
 from evaluation.context import make_context
-from evaluation.disentanglement import dci, disentanglement, mig, sap
+from evaluation.disentanglement import dci, dci_scores, disentanglement, mig, sap
 from evaluation.inputs import load_feature_file
 
 SIZES = (4, 5, 6, 8, 10)  # values per synthetic factor
@@ -89,7 +90,22 @@ def test_dci_disentangled_vs_rotated(codes: dict[str, np.ndarray], model: str) -
     p_cols = r / r.sum(axis=0)
     c = 1 + (p_cols * np.log(np.where(p_cols > 0, p_cols, 1))).sum(axis=0) / np.log(r.shape[0])
     assert bad.disentanglement == pytest.approx((r.sum(axis=1) / r.sum()) @ d)
-    assert bad.completeness == pytest.approx(c.mean())
+    assert bad.completeness == pytest.approx((r.sum(axis=0) / r.sum()) @ c)  # weighted by factor importance
+
+
+def test_dci_scores_weight_codes_and_factors_by_their_importance() -> None:
+    # 3 code dims x 2 factors; factor 1 carries 3/4 of the importance, all in code dim 2
+    r = np.array([[0.9, 0.0], [0.1, 0.0], [0.0, 3.0]])
+    h0 = -(0.9 * np.log(0.9) + 0.1 * np.log(0.1)) / np.log(3)  # factor 0 spread over 2 of 3 dims, base K = 3
+    d, c = dci_scores(r)
+    assert d == pytest.approx(1.0)  # every code dim explains a single factor
+    assert c == pytest.approx(0.25 * (1 - h0) + 0.75 * 1.0)  # not the plain mean (1 - h0 + 1) / 2
+    # a dim split evenly between the factors (entropy 1 in base 2) holding half of all importance
+    d, c = dci_scores(np.array([[1.0, 1.0], [2.0, 0.0]]))
+    assert d == pytest.approx(0.5 * 0.0 + 0.5 * 1.0)
+    h_col0 = -(1 / 3 * np.log(1 / 3) + 2 / 3 * np.log(2 / 3)) / np.log(2)
+    assert c == pytest.approx(0.75 * (1 - h_col0) + 0.25 * 1.0)
+    assert dci_scores(np.zeros((3, 2))) == (0.0, 0.0)
 
 
 def test_noise_code_is_uninformative(codes: dict[str, np.ndarray]) -> None:
@@ -99,7 +115,7 @@ def test_noise_code_is_uninformative(codes: dict[str, np.ndarray]) -> None:
 
 
 @pytest.mark.parametrize("code", ["rotated", "noise"])
-def test_sap_matches_direct_regressions(codes: dict[str, np.ndarray], code: str) -> None:
+def test_sap_continuous_matches_direct_regressions(codes: dict[str, np.ndarray], code: str) -> None:
     z_tr, f_tr, z_te, f_te = _split(codes[code], codes["factors"])
     s = np.zeros((z_tr.shape[1], f_tr.shape[1]))
     for i in range(z_tr.shape[1]):
@@ -108,7 +124,34 @@ def test_sap_matches_direct_regressions(codes: dict[str, np.ndarray], code: str)
             resid = f_te[:, j] - (slope * z_te[:, i] + intercept)
             s[i, j] = max(0.0, 1 - (resid**2).sum() / ((f_te[:, j] - f_te[:, j].mean()) ** 2).sum())
     top = np.sort(s, axis=0)[::-1]
+    assert sap(z_tr, f_tr, z_te, f_te, discrete=[False] * len(SIZES)) == pytest.approx(np.mean(top[0] - top[1]))
+
+
+def test_sap_discrete_matches_per_dimension_classifiers(codes: dict[str, np.ndarray]) -> None:
+    z_tr, f_tr, z_te, f_te = _split(codes["rotated"][:, :3], codes["factors"][:, :2])
+    s = np.zeros((3, 2))
+    for i in range(3):
+        for j in range(2):
+            clf = DecisionTreeClassifier(max_leaf_nodes=SIZES[j], random_state=0).fit(z_tr[:, i:i + 1], f_tr[:, j])
+            s[i, j] = np.mean(clf.predict(z_te[:, i:i + 1]) == f_te[:, j])
+    top = np.sort(s, axis=0)[::-1]
     assert sap(z_tr, f_tr, z_te, f_te) == pytest.approx(np.mean(top[0] - top[1]))
+
+
+def test_sap_scores_discrete_factors_by_accuracy() -> None:
+    # two balanced binary factors over a full 2 x 2 x 5 design; code dim 0 is factor 0, code dim 1 is
+    # factor 1 with exactly one row in five flipped (train and test alike). A classifier on a two-valued
+    # dim predicts a function of that value, so: S[0, 0] = 1, S[1, 1] = 0.8, and 0.5 for the pairs
+    # that share nothing (each value of one factor meets both values of the other equally often).
+    f0, f1, rep = np.meshgrid([0, 1], [0, 1], np.arange(5), indexing="ij")
+    f0, f1, rep = f0.ravel(), f1.ravel(), rep.ravel()
+    flipped = np.where(rep == 0, 1 - f1, f1)
+    f = np.tile(np.stack([f0, f1], axis=1), (50, 1))  # (1000, 2)
+    z = np.tile(np.stack([f0, flipped], axis=1).astype(np.float64), (50, 1))
+    assert sap(z[:500], f[:500], z[500:], f[500:]) == pytest.approx(((1 - 0.5) + (0.8 - 0.5)) / 2)
+    # the linear R^2 of the flipped dim is its squared correlation, (1 - 2 * 0.2)^2 = 0.36
+    continuous = sap(z[:500], f[:500], z[500:], f[500:], discrete=[False, False])
+    assert continuous == pytest.approx(((1 - 0) + (0.36 - 0)) / 2)
 
 
 def test_sap_separates_disentangled_from_rotated(codes: dict[str, np.ndarray]) -> None:
