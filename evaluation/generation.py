@@ -7,8 +7,10 @@ a probability of the observed levels for discrete likelihoods (Bernoulli, discre
 density for a Gaussian one, where the normalizer's log-Jacobian turns the normalized data's density
 into the raw data's. `elbo` is the mean log weight of the same draws, so the gap to the bound shows;
 `nll_is_bpd` is nll_is in bits per dimension; `nll_is_mc_se` the Monte Carlo standard error of the
-mean nll_is from the importance sampling alone (delta method on each row's weights), and the
-interval (`ci_low`, `ci_high`) is the mean +- 1.96 standard errors over the scored test rows.
+mean nll_is from the importance sampling alone (delta method on each row's weights); the interval is
+a bootstrap over the scored test rows. Representation `factorized` is the likelihood with no latent:
+independent per-dimension histograms (discrete data) or Gaussians fitted to the train rows, scored
+exactly on the same rows; a model above it is worse than no model.
 Gaussian family only, on at most `nll_max_rows` test rows chosen by sample_id with the evaluation
 seed, `nll_samples` draws each.
 
@@ -36,6 +38,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +49,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ae_repr.config import EvalConfig
 from ae_repr.likelihoods import Likelihood, likelihood_for
 from ae_repr.models import Autoencoder
 from ae_repr.models.hier_vae import HierVAE
@@ -54,6 +58,7 @@ from ae_repr.models.vq_vae import VQVAE
 
 from .context import AppContext, TaskOutput
 from .inputs import label_problem, single_thread, subsample
+from .intervals import interval_fields, mean_interval
 from .rate_distortion import kl_per_dim
 from .results import result_frame, result_row
 
@@ -287,10 +292,9 @@ def generation(ctx: AppContext) -> TaskOutput:
         jac = ctx.normalizer.log_abs_det(model.input_dim) if lik.continuous else 0.0
         per_row = _nll(log_w).double().cpu().numpy() - jac  # (N,), nats in the data's own units
         nll, elbo = float(per_row.mean()), float(log_w.double().mean()) + jac
-        half = 1.96 * float(per_row.std(ddof=1) / math.sqrt(len(per_row))) if len(per_row) > 1 else math.nan
         mc_se = math.sqrt(float(nll_mc_variance(log_w).sum())) / len(per_row)
         rows_out += [
-            result_row(name, TASK, "nll_is", nll, ci_low=nll - half, ci_high=nll + half),
+            result_row(name, TASK, "nll_is", nll, **_row_interval(per_row, cfg, ctx.seed)),
             result_row(name, TASK, "elbo", elbo),
             result_row(name, TASK, "nll_is_bpd", nll / (model.input_dim * math.log(2))),
             result_row(name, TASK, "nll_is_mc_se", mc_se),
@@ -331,17 +335,17 @@ def generation_reference(ctx: AppContext) -> TaskOutput:
     """The NLL of a model with no latent (`factorized`, see `factorized_nll`) and the sample-quality metrics
     of the real test rows (representation `real_data`, with labels only)."""
     train, test = ctx.rows("train"), ctx.rows("test")
+    scored = subsample(ctx.ff, "test", ctx.cfg.nll_max_rows, ctx.seed)  # the rows the models' nll_is scores
     lik = likelihood_for(ctx.x_raw[train], images=ctx.x_raw.ndim == 4)
-    nll = factorized_nll(ctx.x_raw[train].reshape(len(train), -1), ctx.x_raw[test].reshape(len(test), -1), lik)
-    half = 1.96 * nll.std(ddof=1) / math.sqrt(len(nll)) if len(nll) > 1 else math.nan
+    nll = factorized_nll(ctx.x_raw[train].reshape(len(train), -1), ctx.x_raw[scored].reshape(len(scored), -1), lik)
     dim = ctx.x_raw[0].size
     rows = [
-        result_row(FACTORIZED, TASK, "nll_is", float(nll.mean()), ci_low=nll.mean() - half, ci_high=nll.mean() + half),
+        result_row(FACTORIZED, TASK, "nll_is", float(nll.mean()), **_row_interval(nll, ctx.cfg, ctx.seed)),
         result_row(FACTORIZED, TASK, "nll_is_bpd", float(nll.mean()) / (dim * math.log(2))),
     ]
     notes = [
         f"generation ({FACTORIZED}): exact NLL of independent per-dimension {_FACTORIZED_KIND[lik.kind]} fitted to "
-        f"the {len(train)} train rows, on the {len(test)} test rows ({dim} dimensions): a likelihood model worse "
+        f"the {len(train)} train rows, on the same {len(scored)} test rows as nll_is ({dim} dimensions): a likelihood model worse "
         "than this one is worse than no model"
     ]
     if label_problem(ctx.ff) is None:
@@ -349,6 +353,11 @@ def generation_reference(ctx: AppContext) -> TaskOutput:
         rows += [result_row("real_data", TASK, k, v) for k, v in metrics.items()]
         notes.append(f"generation (real_data): quality metrics of the {len(test)} real test rows, same classifier")
     return TaskOutput(frame=result_frame(rows), notes=tuple(notes))
+
+
+def _row_interval(per_row: np.ndarray, cfg: EvalConfig, seed: int) -> dict[str, Any]:
+    """Result-row keywords of the test-row bootstrap interval of a per-row mean."""
+    return interval_fields(mean_interval(per_row, cfg.bootstrap_samples, seed), cfg.bootstrap_samples)
 
 
 FACTORIZED = "factorized"  # the no-latent likelihood baseline's representation name

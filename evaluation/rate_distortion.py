@@ -5,8 +5,8 @@ models trained at different betas trade one for the other along a curve.
 Protocol: over all test rows, in batches, with posterior draws from a generator seeded with the
 evaluation seed: `rate` is the mean total KL in nats (hier_vae: every level's
 KL, lower levels scored at a posterior draw of the levels above, as in its loss), `distortion` the
-mean `recon` term of the model's own loss (the Gaussian likelihood's constant D/2 log 2*pi is left
-out, as the loss leaves it out), and `active_units` the number of latent dimensions that carry
+mean `recon` term of the model's own loss (-log p(x|z) of its likelihood, in nats of the normalized
+data, constants included), and `active_units` the number of latent dimensions that carry
 information: whose mean KL(q(z_d|x) || p(z_d)) over the test rows exceeds 0.01 nats. (Burda et al.
 2016 count posterior means that vary; a hier_vae level whose posterior follows its conditional prior
 has varying means and no KL, so the KL is what is counted here.) Models with levels (`level_dims`,
@@ -93,8 +93,8 @@ def rate_distortion(ctx: AppContext) -> TaskOutput:
     per_level = [n for metric, n in units.items() if metric != "active_units"]
     levels = f" ({'/'.join(map(str, per_level))} per level, bottom first)" if per_level else ""
     note = (
-        f"rate_distortion ({ctx.name}): rate = mean KL(q(z|x) || p(z)), distortion = mean recon term of the "
-        f"model's loss (Gaussian constant left out), on {len(rows)} test rows, seed {ctx.seed}; "
+        f"rate_distortion ({ctx.name}): rate = mean KL(q(z|x) || p(z)), distortion = mean -log p(x|z) "
+        f"({model.likelihood}), on {len(rows)} test rows, seed {ctx.seed}; "
         f"active units: dimensions with mean KL > {THRESHOLD} nats{levels}; beta={model.cfg.beta:g}"
     )
     return TaskOutput(frame=frame, pictures={f"{ctx.name}/kl_per_dim": per_dim.astype(np.float32)}, notes=(note,))

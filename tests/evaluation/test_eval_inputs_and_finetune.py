@@ -11,6 +11,7 @@ import evaluation
 from ae_repr.config import EvalConfig
 from ae_repr.errors import UserError
 from ae_repr.io import read_features
+from ae_repr.likelihoods import Likelihood
 from evaluation import (
     EvaluationFailed,
     evaluate_dir,
@@ -150,7 +151,7 @@ def test_scratch_builds_a_fresh_model_of_the_same_variant_and_config(ae_file, mo
     fewshot_scratch(ae_file, QUICK.model_copy(update={"finetune_epochs": 2}))
     assert len(built) == 2 * 3  # one fresh model per k and seed
     variant, cfg, shape, likelihood = built[0]
-    assert (variant, cfg.latent_dim, cfg.hidden, shape, likelihood) == ("ae", K, (32,), (16,), "gaussian")
+    assert (variant, cfg.latent_dim, cfg.hidden, shape, likelihood) == ("ae", K, (32,), (16,), Likelihood("gaussian"))
     built.clear()
     fewshot_finetune(ae_file, QUICK.model_copy(update={"finetune_epochs": 2}))
     assert built == []  # fine-tuning starts from the pretrained weights

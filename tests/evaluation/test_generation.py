@@ -17,15 +17,18 @@ from ae_repr.checkpoint import LoadedModel, load_model, save_model
 from ae_repr.config import EvalConfig
 from ae_repr.data import Normalizer
 from ae_repr.io import read_features, write_features
+from ae_repr.likelihoods import MIN_LOG_SCALE, Likelihood
 from ae_repr.losses import gaussian_kl, repeat_rows
 from ae_repr.models import REGISTRY, build_model, model_config
 from evaluation.context import AppContext, make_context
 from evaluation.generation import (
+    factorized_nll,
     generation,
     generation_reference,
     interpolations,
     log_weights,
     nll_is,
+    nll_mc_variance,
     prior_samples,
     probability_metrics,
     quality_metrics,
@@ -53,7 +56,7 @@ def _linear_gaussian(perturb: bool):
     (or perturbed) posterior as the encoder; W has orthogonal columns, making the posterior diagonal."""
     torch.manual_seed(0)
     model = build_model("vae", model_config("vae", latent_dim=2, hidden=()), (4,), "gaussian").eval()
-    dec, enc = model.decoder[0], model.encoder[1]
+    dec, enc = model.decoder[0], model.encoder[1]  # the decoder emits (mean, log std) per element: 2 x 4 outputs
     assert isinstance(dec, nn.Linear) and isinstance(enc, nn.Linear) and len(model.decoder) == 2
     f64 = torch.float64
     q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=f64))
@@ -62,8 +65,9 @@ def _linear_gaussian(perturb: bool):
     post_var = 1.0 / (1.0 + s**2)  # (I + W^T W)^{-1}, diagonal
     a = post_var[:, None] * w.T  # posterior mean = a (x - b)
     with torch.no_grad():
-        dec.weight.copy_(w)
-        dec.bias.copy_(b)
+        dec.weight.copy_(torch.cat([w, torch.zeros(4, 2, dtype=f64)]))
+        unit = math.log(math.expm1(-MIN_LOG_SCALE)) + MIN_LOG_SCALE  # the raw log std the soft floor maps to 0
+        dec.bias.copy_(torch.cat([b, torch.full((4,), unit, dtype=f64)]))
         enc.weight.copy_(torch.cat([a, torch.zeros(2, 4, dtype=f64)]))
         enc.bias.copy_(torch.cat([-a @ b, post_var.log()]))
         if perturb:
@@ -94,6 +98,9 @@ def test_nll_is_converges_with_a_perturbed_posterior():
 def test_nll_is_hier_vae_below_elbo_and_decreasing():
     torch.manual_seed(0)
     model = build_model("hier_vae", model_config("hier_vae", latent_dim=4, hidden=(16,)), (6,), "gaussian").eval()
+    with torch.no_grad():  # larger weights: a posterior far from the true one, so more draws clearly pay
+        for p in model.parameters():
+            p.mul_(1.6)
     x = torch.randn(32, 6)
     lw = log_weights(model, x, 50, generator=_gen())
     nll = nll_is(model, x, 50, generator=_gen())  # the same draws
@@ -284,6 +291,10 @@ def test_probability_metrics_by_hand():
 def _saved_vae(model_dir, variant: str = "vae"):
     torch.manual_seed(0)
     model = build_model(variant, model_config(variant, latent_dim=4, hidden=(32,)), (D,), "gaussian").eval()
+    last = [m for m in model.decoder.modules() if isinstance(m, nn.Linear)][-1]  # (mean, log std) per element
+    with torch.no_grad():  # unit noise, as a trained model of this data would roughly have: no heavy-tailed draws
+        last.weight[D:] = 0.0
+        last.bias[D:] = math.log(math.expm1(-MIN_LOG_SCALE)) + MIN_LOG_SCALE
     return save_model(model_dir, model, variant=variant, normalizer=Normalizer(np.zeros(D), np.ones(D), "standard"))
 
 
@@ -303,8 +314,10 @@ def test_generation_task(tmp_path, synth):
     assert torch.equal(torch.get_rng_state(), state)
     frame = out.frame
     assert set(frame["task"]) == {"generation"} and set(frame["representation"]) == {"vae"}
-    assert set(frame["metric"]) == {"nll_is", "elbo", "sample_confidence", "sample_entropy", "class_entropy",
-                                    "classifier_score"}
+    assert set(frame["metric"]) == {"nll_is", "elbo", "nll_is_bpd", "nll_is_mc_se", "sample_confidence",
+                                    "sample_entropy", "class_entropy", "classifier_score"}
+    assert _value(frame, "nll_is_bpd") == pytest.approx(_value(frame, "nll_is") / (ctx.model.input_dim * math.log(2)))
+    assert 0 < _value(frame, "nll_is_mc_se") < 1.0
     assert -_value(frame, "elbo") >= _value(frame, "nll_is") > 0
     assert 1.0 <= _value(frame, "classifier_score") <= 4.0
     assert 0.25 <= _value(frame, "sample_confidence") <= 1.0
@@ -327,7 +340,7 @@ def test_generation_per_family(tmp_path, variant):
     ctx = replace(_image_ctx(tmp_path, variant), cfg=EvalConfig(nll_samples=4, nll_max_rows=8, generation_samples=40))
     out = generation(ctx)
     quality = {"sample_confidence", "sample_entropy", "class_entropy", "classifier_score"}
-    likelihood = {"nll_is", "elbo"} if variant == "hier_vae" else set()
+    likelihood = {"nll_is", "elbo", "nll_is_bpd", "nll_is_mc_se"} if variant == "hier_vae" else set()
     assert set(out.frame["metric"]) == quality | likelihood
     assert 1.0 <= _value(out.frame, "classifier_score") <= 2.0  # two classes
     keys = {f"{variant}/{k}" for k in ("samples", "interpolations", "traversals", "traversal_dims")}
@@ -342,12 +355,12 @@ def test_generation_per_family(tmp_path, variant):
 def test_generation_reference_real_rows_confident(tmp_path, synth):
     ff = read_features(write_ff(tmp_path / "raw.parquet", synth, synth.x))
     out = generation_reference(make_context(ff, EvalConfig()))
-    assert set(out.frame["representation"]) == {"real_data"}
+    assert set(out.frame["representation"]) == {"real_data", "factorized"}
     assert _value(out.frame, "sample_confidence") > 0.95  # well-separated blobs
     assert _value(out.frame, "class_entropy") == pytest.approx(math.log(4), abs=0.05)  # balanced classes
     assert _value(out.frame, "classifier_score") > 3.5
     unlabelled = read_features(write_ff(tmp_path / "nolabel.parquet", synth, synth.x, labels=None))
-    assert generation_reference(make_context(unlabelled, EvalConfig())).frame.empty
+    assert set(generation_reference(make_context(unlabelled, EvalConfig())).frame["representation"]) == {"factorized"}
 
 
 def test_quality_metrics_uses_classifier_probabilities(tmp_path, synth):
@@ -374,9 +387,12 @@ def test_rate_distortion_matches_independent_computation(tmp_path, synth):
     with torch.no_grad():
         mu, logvar = model.posterior(x)
         kl = gaussian_kl(mu, logvar)
-        # distortion by Monte Carlo: 0.5 ||x - decode(z)||^2 over many posterior draws
+        # distortion by Monte Carlo: -log N(x; mean, std) of the decoded Gaussian over many posterior draws
         z = mu + (0.5 * logvar).exp() * torch.randn((400, *mu.shape), generator=_gen(7))
-        recon = 0.5 * (model.decode(z.reshape(-1, 4)).reshape(400, *x.shape) - x).pow(2).sum(-1).mean()  # (S, N, D)
+        raw = model.decoder(z.reshape(-1, 4))  # (S * N, 2, D): mean, raw log std
+        std = (MIN_LOG_SCALE + torch.nn.functional.softplus(raw[:, 1] - MIN_LOG_SCALE)).exp()
+        x_rep = x.repeat(400, 1)
+        recon = -torch.distributions.Normal(raw[:, 0], std).log_prob(x_rep).sum(-1).mean()
     frame = out.frame
     assert set(frame["metric"]) == {"rate", "distortion", "active_units"}
     assert _value(frame, "rate") == pytest.approx(float(kl.sum(1).mean()), rel=1e-5)
@@ -394,3 +410,27 @@ def test_rate_distortion_hier_vae_and_deterministic(tmp_path, synth):
     assert _value(out.frame, "rate") == pytest.approx(float(kl.astype(np.float64).sum()), rel=1e-6)
     assert rate_distortion(ctx).frame.equals(out.frame)  # seeded
     assert rate_distortion(_image_ctx(tmp_path, "ae")).frame.empty
+
+
+def test_nll_mc_standard_error_matches_the_spread_of_repeated_estimates():
+    model, x, _ = _linear_gaussian(perturb=True)
+    s, repeats = 50, 300
+    predicted = nll_mc_variance(log_weights(model, x, s, generator=_gen(0)))  # (B,), from one estimate's weights
+    estimates = torch.stack([nll_is(model, x, s, generator=_gen(r + 1)) for r in range(repeats)])  # (R, B)
+    observed = estimates.double().var(0)
+    ratio = (predicted / observed).numpy()
+    assert np.all((ratio > 0.4) & (ratio < 2.5)), ratio  # one estimate's weights predict the spread of many
+
+
+def test_factorized_nll_is_the_histogram_and_gaussian_nll_by_hand():
+    rng = np.random.default_rng(0)
+    train, test = rng.integers(0, 5, size=(40, 3)), rng.integers(0, 5, size=(7, 3))
+    nll = factorized_nll(train, test, Likelihood("discretized_logistic", 5))
+    by_hand = np.zeros(len(test))
+    for j in range(3):  # add-one smoothed frequency of each test value among that dimension's train values
+        for i, v in enumerate(test[:, j]):
+            by_hand[i] -= math.log(((train[:, j] == v).sum() + 1) / (len(train) + 5))
+    np.testing.assert_allclose(nll, by_hand)
+    x_tr, x_te = rng.normal(2.0, 3.0, size=(500, 2)), rng.normal(2.0, 3.0, size=(9, 2))
+    expected = -stats.norm(x_tr.mean(0), x_tr.std(0)).logpdf(x_te).sum(1)
+    np.testing.assert_allclose(factorized_nll(x_tr, x_te, Likelihood("gaussian")), expected)
