@@ -42,7 +42,8 @@ def _data_opts(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 def _train_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="experiment YAML (default: configs/default.yaml)")
-    p.add_argument("--epochs", type=int, metavar="N", help="training epochs (overrides train.epochs)")
+    p.add_argument("--epochs", type=int, metavar="N", help="cap on training epochs (overrides train.epochs; training "
+                   "stops earlier when the validation objective plateaus or at train.max_steps)")
     p.add_argument("--latent-dim", type=int, metavar="K", help="representation width (overrides models.latent_dim)")
 
 
@@ -168,9 +169,13 @@ def _cmd_train(args: argparse.Namespace, created: list[Path]) -> int:
     if res.skipped:
         print(f"{args.variant}: already trained with this config: {res.model_dir}")
     else:
-        last = res.history[-1] if res.history else {}
-        print(f"{args.variant}: trained {len(res.history)} epochs, val loss {last.get('val/loss', float('nan')):.4g}"
-              f" -> {res.model_dir}")
+        from .checkpoint import DESCRIPTION
+        from .io import read_json
+
+        meta = read_json(res.model_dir / DESCRIPTION)
+        best = ", ".join(f"{k} {v:.4g}" for k, v in meta["best_val"].items() if k in ("elbo", "recon"))
+        print(f"{args.variant}: trained {meta['steps']} steps ({meta['epochs_run']} epochs), stopped on "
+              f"{meta['stopped_on']}; kept epoch {meta['best_epoch']} (validation {best or 'n/a'}) -> {res.model_dir}")
     return 0
 
 

@@ -139,6 +139,8 @@ class EvalConfig(_Frozen):
     ] = ("anomaly", "inpainting", "generation", "augmentation", "rate_distortion", "disentanglement")
     anomaly_classes: tuple[int, ...] | None = None  # held-out classes scored as anomalies; None: the largest label
     anomaly_epochs: int | None = Field(None, gt=0)  # retraining on the normal classes; None: train.epochs
+    # retraining's step budget as a fraction of train.max_steps; it stops on the same plateau rule as training
+    anomaly_budget: float = Field(0.5, gt=0, le=1)
     inpaint_masks: tuple[Literal["block", "random"], ...] = Field(("block", "random"), min_length=1)
     inpaint_block: float = Field(0.5, gt=0, lt=1)  # the square block's side as a fraction of the image side
     inpaint_random_p: float = Field(0.5, gt=0, lt=1)  # fraction of pixels the random mask hides

@@ -7,8 +7,10 @@ is scored, and the test rows of the anomaly classes are the positives. Metrics: 
 (`roc_auc_score`) and `auprc` (`average_precision_score`), higher score = more anomalous.
 
 A learned variant's pretrained model has seen every class, so it is retrained from scratch on the
-normal train rows with its own variant, model config, training config (epochs:
-`EvalConfig.anomaly_epochs`, else the training config's) and seed, into `<work_dir>/anomaly_model`
+normal train rows with its own variant, model config, training config and seed, by the same rule as
+training (until the validation objective stops improving), within `EvalConfig.anomaly_budget` of the
+training step budget (default half) and `EvalConfig.anomaly_epochs` epochs (else the training config's
+cap), into `<work_dir>/anomaly_model`
 (reused when a finished model with the same training key is there). Scores, in the retrained model's
 normalized space:
 
@@ -94,7 +96,9 @@ def anomaly(ctx: AppContext) -> TaskOutput:
     described = "; ".join(f"{_metric('auroc', n)}/{_metric('auprc', n)}: {_SCORE_NAMES[n]}" for n in scores)
     note = (
         f"{ctx.name}: anomaly classes {list(anomalous)}; the {ctx.loaded.variant} retrained on the normal "
-        f"classes ({loaded.meta.get('epochs_run', epochs)} of {epochs} epochs); scores: {described}."
+        f"classes ({loaded.meta.get('steps')} steps, {loaded.meta.get('epochs_run')} epochs, stopped on "
+        f"{loaded.meta.get('stopped_on')}; budget {round(ctx.cfg.anomaly_budget * ctx.train_cfg.max_steps)} steps, "
+        f"{epochs} epochs); scores: {described}."
     )
     headline = {ctx.name: scores.pop(HEADLINE)}
     return _output(headline, truth, (note,), more={ctx.name: scores})
@@ -132,8 +136,9 @@ def retrain_on_normal(
         backbone=model_cfg.backbone,
         overrides={variant: model_cfg.model_dump(mode="json", exclude=shared)},
     )
+    budget = max(1, round(ctx.cfg.anomaly_budget * ctx.train_cfg.max_steps))
     cfg = ExperimentConfig(
-        models=models, train=ctx.train_cfg.model_copy(update={"epochs": epochs}), seed=ctx.seed
+        models=models, train=ctx.train_cfg.model_copy(update={"epochs": epochs, "max_steps": budget}), seed=ctx.seed
     )
     assert models.model_config_for(variant) == model_cfg, f"{variant}: model config did not round-trip"
     rows = np.sort(np.concatenate([normal_train, test]))

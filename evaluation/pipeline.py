@@ -59,6 +59,7 @@ from .rate_distortion import rate_distortion
 from .reduction import reduction
 from .report import representation_order, write_report
 from .results import concat_results, read_results, result_frame, write_results
+from .training import training_record
 from .verdict import RunFacts, bottleneck_warning, verdict
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,10 @@ def evaluate_representation(
                     f"{ff.name}: fewshot_finetune/fewshot_scratch not run: no model directory ({ff.meta.get('model_dir', 'no model_dir')})."
                 )
     run("reduction", lambda: reduction(ff, cfg, seed=seed))
+    if has_model:
+        record, note = training_record(ff.name, model_dir(ff))
+        run("training", lambda: record)
+        notes.append(note)
     needs_model = [t for t in cfg.applications if APPLICATIONS[t][0]]
     if needs_model and is_learned(ff) and not has_model:
         notes.append(f"{ff.name}: {', '.join(needs_model)} not run: they need the model, and there is none.")

@@ -74,8 +74,19 @@ def application_columns(cfg: EvalConfig) -> list[Column]:
     ]
 
 
+def training_columns() -> list[Column]:
+    """The training table's columns: what each model's training took and the kept weights' validation terms."""
+    return [
+        Column("steps", "training", "steps", fmt=".0f", descriptive=True),
+        Column("epochs", "training", "epochs", fmt=".0f", descriptive=True),
+        Column("stopped on plateau", "training", "plateau", fmt=".0f", descriptive=True),
+        Column("val ELBO nats", "training", "val_elbo", fmt=".2f", descriptive=True),
+        Column("val recon NLL nats", "training", "val_recon", fmt=".2f", descriptive=True),
+    ]
+
+
 # model-free references (chance, and those of the application tasks), listed after the feature baselines
-REFERENCE_NAMES = (CHANCE_NAME, "isolation_forest", "mean_image", "real_data")
+REFERENCE_NAMES = (CHANCE_NAME, "isolation_forest", "mean_image", "real_data", "factorized")
 
 
 def representation_order(names: Sequence[str]) -> list[str]:
@@ -148,7 +159,9 @@ def write_report(
             "",
             "Anomaly detection: one-class protocol (models and baselines fitted on the normal classes' train "
             "rows; the held-out classes' test rows are the anomalies). Inpainting: mean squared error on the "
-            "hidden pixels only. NLL: importance-sampled, nats per example in normalized data space. "
+            "hidden pixels only. NLL: importance-sampled, nats per example in the data's own units (a probability "
+            "of the observed levels for discrete data); `factorized` is independent per-dimension histograms (or "
+            "Gaussians) with no latent: a model above it is worse than no model. "
             "Sample classifier score: exp(E KL(p(y|x) || p(y))) of a logistic classifier trained on real "
             "data, applied to prior samples (`real_data`: the test images themselves). Augmentation: "
             f"test-accuracy change of a k={cfg.augment_k} few-shot pixel classifier when generated neighbours "
@@ -157,6 +170,20 @@ def write_report(
             "no interval marks none. Notes below record each estimator's settings.",
             "",
             *_table_lines(app_table, app_cols, results, chance),
+        ]
+    train_cols = training_columns()
+    train_table = headline_table(results, cfg, train_cols).dropna(axis=1, how="all")
+    if len(train_table):
+        train_cols = [c for c in train_cols if c.title in train_table.columns]
+        lines += [
+            "## Training",
+            "",
+            "Each variant trains until its validation objective (the ELBO for the VAE family, else the "
+            "reconstruction NLL; unweighted by KL warm-up or free bits) stops improving, within a step budget; "
+            "the weights of its best validation epoch are kept. Validation terms in nats per example of the "
+            "normalized data.",
+            "",
+            *_table_lines(train_table, train_cols, results, chance),
         ]
     if plots:
         lines += ["## Plots", ""]

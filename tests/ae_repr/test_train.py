@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from ae_repr.checkpoint import load_model
@@ -80,3 +81,46 @@ def test_checkpoints_are_written_at_most_every_checkpoint_every_s(tmp_path: Path
     assert all(torch.equal(a[k], b[k]) for k in a)
     desc = [read_json(tmp_path / d / "config.json")["training_key"] for d in ("every_0", "every_1e+09")]
     assert desc[0] == desc[1]
+
+
+def _train_cfg(**train: object) -> ExperimentConfig:
+    base = {"epochs": 40, "batch_size": 32, "device": "cpu", "checkpoint_every_s": 1e9}
+    return ExperimentConfig.model_validate(
+        {"models": {"variants": ["vae"], "latent_dim": 4, "overrides": {"vae": {"hidden": [16]}}},
+         "train": {**base, **train}}
+    )
+
+
+def test_validation_scores_the_unweighted_objective_and_keeps_its_best_epoch(tmp_path: Path) -> None:
+    """With KL warm-up and free bits the training loss is reweighted epoch by epoch; the validation objective
+    (what stopping and the kept weights go by) is the plain negative ELBO at every epoch."""
+    cfg = _train_cfg(epochs=12, kl_warmup_epochs=30, free_bits=0.5, patience=100)
+    res = train_variant("vae", _data(), cfg, tmp_path / "vae", progress=False)
+    for h in res.history:
+        assert h["val/loss"] == pytest.approx(-h["val/elbo"], rel=1e-5)  # beta 1: loss = recon + KL, no weights
+        assert h["val/loss"] == pytest.approx(h["val/recon"] + h["val/kl"], rel=1e-5)
+    meta = read_json(tmp_path / "vae" / "config.json")
+    best = min(res.history, key=lambda h: -h["val/elbo"])
+    assert meta["best_epoch"] == best["epoch"] and meta["best_val"]["elbo"] == pytest.approx(best["val/elbo"])
+    assert meta["steps"] == res.history[-1]["step"] == 12 * 7  # 225 train rows less 10% validation: 7 batches
+
+
+def test_training_stops_on_budget_plateau_or_epoch_cap(tmp_path: Path) -> None:
+    data = _data()
+    runs = {
+        "budget": _train_cfg(max_steps=17, patience=100),  # ends mid-epoch, exactly at the budget
+        "plateau": _train_cfg(lr=1e-9, patience=3, min_delta=1.0),  # nothing can improve by 1 nat
+        "epochs": _train_cfg(epochs=2, patience=100),
+    }
+    for reason, cfg in runs.items():
+        train_variant("vae", data, cfg, tmp_path / reason, progress=False)
+        meta = read_json(tmp_path / reason / "config.json")
+        assert meta["stopped_on"] == reason
+        assert meta["steps"] == {"budget": 17, "plateau": 4 * 7, "epochs": 2 * 7}[reason]
+
+
+def test_plateau_cuts_the_learning_rate_before_it_stops(tmp_path: Path) -> None:
+    cfg = _train_cfg(lr=1e-6, patience=6, min_delta=1.0, lr_decay=0.5)
+    res = train_variant("vae", _data(), cfg, tmp_path / "vae", progress=False)
+    lrs = [h["lr"] for h in res.history]
+    assert len(lrs) == 7 and lrs[:4] == [1e-6] * 4 and lrs[4:] == [5e-7] * 3  # cut once, at half the patience
