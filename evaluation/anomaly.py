@@ -40,13 +40,14 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ae_repr.checkpoint import LoadedModel, load_model
-from ae_repr.config import ExperimentConfig, ModelsConfig
+from ae_repr.config import EvalConfig, ExperimentConfig, ModelsConfig
 from ae_repr.data.dataset import make_dataset
 from ae_repr.models import Autoencoder, inference_copy
 from ae_repr.train import train_variant
 
 from .context import AppContext, TaskOutput
 from .inputs import single_thread
+from .intervals import auroc_interval, interval_fields
 from .results import result_frame, result_row
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def anomaly(ctx: AppContext) -> TaskOutput:
         f"{epochs} epochs); scores: {described}."
     )
     headline = {ctx.name: scores.pop(HEADLINE)}
-    return _output(headline, truth, (note,), more={ctx.name: scores})
+    return _output(headline, truth, (note,), ctx.cfg, ctx.seed, more={ctx.name: scores})
 
 
 def anomaly_baselines(ctx: AppContext, k: int) -> TaskOutput:
@@ -121,7 +122,7 @@ def anomaly_baselines(ctx: AppContext, k: int) -> TaskOutput:
         f"anomaly baselines: anomaly classes {list(anomalous)}; pca: squared reconstruction error with "
         f"{n_components} components; isolation_forest: -score_samples, {forest.n_estimators} trees."
     )
-    return _output({"pca": pca_scores, "isolation_forest": forest_scores}, truth, (note,))
+    return _output({"pca": pca_scores, "isolation_forest": forest_scores}, truth, (note,), ctx.cfg, ctx.seed)
 
 
 def retrain_on_normal(
@@ -186,6 +187,8 @@ def _output(
     scores: dict[str, np.ndarray],
     truth: np.ndarray,
     notes: tuple[str, ...],
+    cfg: EvalConfig,
+    seed: int,
     *,
     more: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> TaskOutput:
@@ -198,7 +201,8 @@ def _output(
     for name, s in scores.items():
         extra = (more or {}).get(name, {})
         for score, values in {HEADLINE: s, **extra}.items():
-            rows.append(result_row(name, "anomaly", _metric("auroc", score), roc_auc_score(truth, values)))
+            ci = interval_fields(auroc_interval(truth, values, cfg.bootstrap_samples, seed), cfg.bootstrap_samples)
+            rows.append(result_row(name, "anomaly", _metric("auroc", score), roc_auc_score(truth, values), **ci))
             rows.append(result_row(name, "anomaly", _metric("auprc", score), average_precision_score(truth, values)))
         pictures[f"{name}/anomaly_scores"] = np.asarray(s, dtype=np.float32)
         pictures[f"{name}/anomaly_truth"] = truth

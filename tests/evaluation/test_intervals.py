@@ -7,13 +7,19 @@ import pytest
 from eval_synth import write_ff
 from scipy import stats
 from sklearn.manifold import trustworthiness
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from ae_repr.config import EvalConfig
 from ae_repr.io import read_features
 from evaluation import fewshot_frozen, knn, linear_probe, reduction
-from evaluation.intervals import macro_f1_interval, mean_interval, ordered_test_rows, resample_indices
+from evaluation.intervals import (
+    auroc_interval,
+    macro_f1_interval,
+    mean_interval,
+    ordered_test_rows,
+    resample_indices,
+)
 from evaluation.reduction import trustworthiness_per_row
 
 B = 400
@@ -106,3 +112,14 @@ def test_fewshot_rows_say_their_interval_is_over_episodes(tmp_path, synth):
     ff = read_features(write_ff(tmp_path / "noisy.parquet", synth, _onehot(synth, noise=0.8)))
     rows = fewshot_frozen(ff, EvalConfig(fewshot_k=(1, 5), fewshot_seeds=4))
     assert (rows["ci_method"] == "fewshot_episodes").all() and (rows["n_seeds"] == 4).all()
+
+
+def test_auroc_interval_is_the_percentiles_of_scikit_learn_on_every_resample():
+    rng = np.random.default_rng(3)
+    truth = rng.random(120) < 0.3
+    scores = np.round(rng.normal(truth * 0.8, 1.0), 1)  # rounded: ties, which count half
+    lo, hi = auroc_interval(truth, scores, 300, seed=5)
+    idx = resample_indices(120, 300, seed=5)
+    values = [roc_auc_score(truth[i], scores[i]) for i in idx if truth[i].any() and not truth[i].all()]
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(values, [0.025, 0.975])), abs=1e-12)
+    assert lo < roc_auc_score(truth, scores) < hi
