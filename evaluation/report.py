@@ -150,41 +150,29 @@ def write_report(
             ]
     else:
         lines += ["No results.", ""]
-    app_cols = application_columns(cfg)
-    app_table = headline_table(results, cfg, app_cols).dropna(axis=1, how="all")
-    if len(app_table):
-        app_cols = [c for c in app_cols if c.title in app_table.columns]
-        lines += [
-            "## Applications",
-            "",
-            "Anomaly detection: one-class protocol (models and baselines fitted on the normal classes' train "
-            "rows; the held-out classes' test rows are the anomalies). Inpainting: mean squared error on the "
-            "hidden pixels only. NLL: importance-sampled, nats per example in the data's own units (a probability "
-            "of the observed levels for discrete data); `factorized` is independent per-dimension histograms (or "
-            "Gaussians) with no latent: a model above it is worse than no model. "
-            "Sample classifier score: exp(E KL(p(y|x) || p(y))) of a logistic classifier trained on real "
-            "data, applied to prior samples (`real_data`: the test images themselves). Augmentation: "
-            f"test-accuracy change of a k={cfg.augment_k} few-shot pixel classifier when generated neighbours "
-            f"are added, mean over {cfg.fewshot_seeds} seeds with its 95% interval. Rate and distortion: the "
-            "ELBO's KL and reconstruction terms on the test split. Winners as above: a column whose numbers carry "
-            "no interval marks none. Notes below record each estimator's settings.",
-            "",
-            *_table_lines(app_table, app_cols, results, chance),
-        ]
-    train_cols = training_columns()
-    train_table = headline_table(results, cfg, train_cols).dropna(axis=1, how="all")
-    if len(train_table):
-        train_cols = [c for c in train_cols if c.title in train_table.columns]
-        lines += [
-            "## Training",
-            "",
-            "Each variant trains until its validation objective (the ELBO for the VAE family, else the "
-            "reconstruction NLL; unweighted by KL warm-up or free bits) stops improving, within a step budget; "
-            "the weights of its best validation epoch are kept. Validation terms in nats per example of the "
-            "normalized data.",
-            "",
-            *_table_lines(train_table, train_cols, results, chance),
-        ]
+    lines += _section(
+        "Applications",
+        "Anomaly detection: one-class protocol (models and baselines fitted on the normal classes' train "
+        "rows; the held-out classes' test rows are the anomalies). Inpainting: mean squared error on the "
+        "hidden pixels only. NLL: importance-sampled, nats per example in the data's own units (a probability "
+        "of the observed levels for discrete data); `factorized` is independent per-dimension histograms (or "
+        "Gaussians) with no latent: a model above it is worse than no model. "
+        "Sample classifier score: exp(E KL(p(y|x) || p(y))) of a logistic classifier trained on real "
+        "data, applied to prior samples (`real_data`: the test images themselves). Augmentation: "
+        f"test-accuracy change of a k={cfg.augment_k} few-shot pixel classifier when generated neighbours "
+        f"are added, mean over {cfg.fewshot_seeds} seeds with its 95% interval. Rate and distortion: the "
+        "ELBO's KL and reconstruction terms on the test split. Winners as above: a column whose numbers carry "
+        "no interval marks none. Notes below record each estimator's settings.",
+        application_columns(cfg), results, cfg, chance,
+    )
+    lines += _section(
+        "Training",
+        "Each variant trains until its validation objective (the ELBO for the VAE family, else the "
+        "reconstruction NLL; unweighted by KL warm-up or free bits) stops improving, within a step budget; "
+        "the weights of its best validation epoch are kept. Validation terms in nats per example of the "
+        "normalized data.",
+        training_columns(), results, cfg, chance,
+    )
     if plots:
         lines += ["## Plots", ""]
         lines += [f"![{p.stem}]({os.path.relpath(p, path.parent)})" for p in plots]
@@ -197,6 +185,17 @@ def write_report(
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
     return path
+
+
+def _section(
+    title: str, intro: str, cols: Sequence[Column], results: pd.DataFrame, cfg: EvalConfig, chance: float | None
+) -> list[str]:
+    """A titled table of `cols` (those without any value dropped); nothing when no column has a value."""
+    table = headline_table(results, cfg, cols).dropna(axis=1, how="all")
+    if not len(table):
+        return []
+    kept = [c for c in cols if c.title in table.columns]
+    return [f"## {title}", "", intro, "", *_table_lines(table, kept, results, chance)]
 
 
 def _table_lines(table: pd.DataFrame, cols: Sequence[Column], results: pd.DataFrame, chance: float | None) -> list[str]:
