@@ -22,10 +22,12 @@ def training_record(name: str, model_dir: Path) -> tuple[pd.DataFrame, str]:
     """Result rows (`steps`, `epochs`, `plateau` 1/0, `val_<term>`) and a one-line note of a saved model."""
     meta = read_json(Path(model_dir) / DESCRIPTION)
     best = meta.get("best_val", {})
+    if "steps" not in meta:  # saved by other means than the trainer: nothing to report
+        return result_frame([]), f"{name}: no training record in {Path(model_dir) / DESCRIPTION}"
     rows = [
-        result_row(name, TASK, "steps", meta.get("steps", float("nan"))),
-        result_row(name, TASK, "epochs", meta.get("epochs_run", float("nan"))),
-        result_row(name, TASK, "plateau", float(meta.get("stopped_on") == "plateau")),
+        result_row(name, TASK, "steps", meta["steps"]),
+        result_row(name, TASK, "epochs", meta["epochs_run"]),
+        result_row(name, TASK, "plateau", float(meta["stopped_on"] == "plateau")),
         *(result_row(name, TASK, f"val_{t}", best[t]) for t in VAL_TERMS if t in best),
     ]
     budget = meta.get("train_config", {}).get("max_steps")
