@@ -306,6 +306,10 @@ def generation(ctx: AppContext) -> TaskOutput:
         )
         log.info("%s: nll_is %.2f nats (%.3f bits/dim, MC s.e. %.3g), elbo %.2f", name, nll,
                  nll / (model.input_dim * math.log(2)), mc_se, elbo)
+    if ctx.family == "vq":  # codes no train row uses: a codebook's dead weight (the prior gives them no mass)
+        dead = float((_code_frequencies(ctx).sum(0) == 0).double().mean())
+        rows_out.append(result_row(name, TASK, "dead_code_fraction", dead))
+        notes.append(f"{dead:.1%} of the codebook's codes are used by no train row at any position")
     scored = label_problem(ctx.ff) is None
     samples = prior_samples(ctx, max(SHOWN, cfg.generation_samples) if scored else SHOWN, _generator(ctx))
     samples = samples.float().cpu().numpy()

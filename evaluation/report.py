@@ -61,6 +61,7 @@ def application_columns(cfg: EvalConfig) -> list[Column]:
         Column("anomaly AUPRC", "anomaly", "auprc"),
         Column("inpainting MSE", "inpainting", "mse_masked", higher_is_better=False, fmt=".4g"),
         Column("NLL (IS) nats", "generation", "nll_is", higher_is_better=False, fmt=".2f"),
+        Column("dead codes", "generation", "dead_code_fraction", fmt=".2f", descriptive=True),
         Column("sample classifier score", "generation", "classifier_score", fmt=".2f", not_ranked=("real_data",)),
         Column(f"augmentation Δacc k={cfg.augment_k}", "augmentation", "accuracy_delta", cfg.augment_k),
         Column("rate nats", "rate_distortion", "rate", fmt=".2f", descriptive=True),

@@ -341,7 +341,12 @@ def test_generation_per_family(tmp_path, variant):
     out = generation(ctx)
     quality = {"sample_confidence", "sample_entropy", "class_entropy", "classifier_score"}
     likelihood = {"nll_is", "elbo", "nll_is_bpd", "nll_is_mc_se"} if variant == "hier_vae" else set()
-    assert set(out.frame["metric"]) == quality | likelihood
+    codes = {"dead_code_fraction"} if variant == "vq_vae" else set()
+    assert set(out.frame["metric"]) == quality | likelihood | codes
+    if variant == "vq_vae":  # by hand: codes chosen by no train row at any position
+        used = torch.unique(ctx.model.code_indices(ctx.inputs(ctx.rows("train"))))
+        expected = 1 - len(used) / ctx.model.cfg.codebook_size
+        assert _value(out.frame, "dead_code_fraction") == pytest.approx(expected)
     assert 1.0 <= _value(out.frame, "classifier_score") <= 2.0  # two classes
     keys = {f"{variant}/{k}" for k in ("samples", "interpolations", "traversals", "traversal_dims")}
     if variant == "vq_vae":
