@@ -12,10 +12,22 @@ import torch
 from pydantic import ValidationError
 
 from ae_repr.checkpoint import load_model, save_model
+from ae_repr.config import ALL_VARIANTS, ModelsConfig
 from ae_repr.data.dataset import Normalizer
 from ae_repr.errors import ConfigError
-from ae_repr.models import REGISTRY, Autoencoder, build_model, inference_copy, model_config
+from ae_repr.models import (
+    REGISTRY,
+    AnomalyScorer,
+    Autoencoder,
+    GaussianPosterior,
+    Prior,
+    Quantized,
+    build_model,
+    inference_copy,
+    model_config,
+)
 from ae_repr.models.backbones import DenseConv, make_decoder, make_encoder
+from ae_repr.variants import BUILTIN, registry, variant_names
 
 SHAPES = [(64,), (1, 8, 8)]
 CASES = [(v, s) for v in REGISTRY for s in SHAPES] + [("vae", (1, 28, 28)), ("vq_vae", (1, 28, 28))]
@@ -34,7 +46,10 @@ def _x(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_keys() -> None:
-    assert list(REGISTRY) == ["ae", "dae", "vae", "beta_vae", "vq_vae", "hier_vae"]
+    assert list(REGISTRY)[: len(BUILTIN)] == ["ae", "dae", "vae", "beta_vae", "vq_vae", "hier_vae"]
+    assert REGISTRY is registry() and tuple(REGISTRY) == variant_names()
+    # the default run is the registry's: no second list of names
+    assert ALL_VARIANTS == ModelsConfig().variants == tuple(n for n, v in BUILTIN.items() if v.default_run)
     assert model_config("dae").corruption is not None and model_config("ae").corruption is None
 
 
@@ -46,11 +61,34 @@ def test_encode_decode_shapes(variant: str, shape: tuple[int, ...]) -> None:
     rec = model.decode(z)
     assert rec.shape == (B, *shape) and 0 <= rec.min() and rec.max() <= 1  # Bernoulli mean
     assert model.reconstruct(_x(shape)).shape == (B, *shape)
-    if variant in GENERATIVE:
-        assert model.sample(3).shape == (3, *shape)
-    else:
-        with pytest.raises(NotImplementedError):
-            model.sample(3)
+    assert isinstance(model, Prior) == (variant in GENERATIVE)
+    assert isinstance(model, GaussianPosterior) == (variant in GENERATIVE)
+    assert isinstance(model, Quantized) == (variant == "vq_vae")
+    assert isinstance(model, AnomalyScorer) == (variant in GENERATIVE | {"vq_vae"})
+
+
+@pytest.mark.parametrize(("variant", "shape"), CASES)
+def test_capabilities_keep_their_shapes(variant: str, shape: tuple[int, ...]) -> None:
+    """Whatever capabilities a variant declares, their methods give what the protocols promise."""
+    model, x = _model(variant, shape).eval(), _x(shape)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if isinstance(model, Prior):
+            assert model.sample(3, gen).shape == (3, *shape)
+            assert model.latent_geometry in ("spherical", "linear")
+        if isinstance(model, GaussianPosterior):
+            kl = model.kl_per_dim(x, gen)
+            assert kl.shape == (B, 8) and bool((kl >= -1e-6).all())
+            assert model.log_weight(x, gen, draws=2).shape == (2 * B,)
+        if isinstance(model, Quantized):
+            idx = model.code_indices(x)
+            assert idx.shape == (B, model.positions) and int(idx.max()) < model.codebook_size
+            z = model.encode(x)
+            torch.testing.assert_close(model.project(z), z)  # codes are their own projection
+            torch.testing.assert_close(model.decode_codes(idx), model.decode(z))
+        if isinstance(model, AnomalyScorer):
+            for name, score in model.anomaly_scores(x, gen).items():
+                assert score.shape == (B,) and bool(torch.isfinite(score).all()), name
 
 
 @pytest.mark.parametrize(("variant", "shape"), CASES)
