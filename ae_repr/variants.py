@@ -68,6 +68,14 @@ def registry() -> dict[str, Variant]:
     return out
 
 
+def lookup(name: str) -> Variant:
+    """The registry entry of `name`; KeyError naming the known ones when there is none."""
+    entries = registry()
+    if name not in entries:
+        raise KeyError(f"unknown variant {name!r}; choose from {', '.join(entries)}")
+    return entries[name]
+
+
 def variant_names() -> tuple[str, ...]:
     """Every registered variant name, built-ins first."""
     return tuple(registry())

@@ -274,7 +274,7 @@ def generation(ctx: AppContext) -> TaskOutput:
     device = _device(model)
     rows_out, notes = [], []
     if not isinstance(model, GaussianPosterior):
-        notes.append(ctx.skipped("nll_is", GaussianPosterior).removeprefix(f"{name}: "))
+        notes.append(ctx.skipped("nll_is", GaussianPosterior).removeprefix(f"{name}: ").removesuffix("."))
     else:
         rows = subsample(ctx.ff, "test", cfg.nll_max_rows, ctx.seed)
         gen = _generator(ctx)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..likelihoods import Likelihood
-from ..variants import Variant, registry
+from ..variants import Variant, lookup, registry
 from .backbones import inference_copy
 from .base import Autoencoder, Corruption, ModelConfig
 from .capabilities import AnomalyScorer, GaussianPosterior, Prior, Quantized
@@ -21,7 +21,7 @@ REGISTRY: dict[str, Variant] = registry()
 
 def model_config(variant: str, **fields: Any) -> ModelConfig:
     """The variant's typed config: its registry defaults, then `fields` (validated; unknown keys rejected)."""
-    entry = registry()[variant]
+    entry = lookup(variant)
     return entry.load().Config.model_validate({**entry.defaults, **fields})
 
 
@@ -50,7 +50,7 @@ def build_model(
 ) -> Autoencoder:
     """Instantiate a registered variant for inputs of `input_shape`; with `seed`, its initial weights
     depend on the seed alone (see `module_init`)."""
-    cls = registry()[variant].load()
+    cls = lookup(variant).load()
     with module_init(seed):
         return cls(cfg, input_shape, likelihood)
 
