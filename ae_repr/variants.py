@@ -52,6 +52,7 @@ BUILTIN: dict[str, Variant] = {
     "beta_vae": Variant("ae_repr.models.vae:VAE", {"beta": 4.0}),
     "vq_vae": Variant("ae_repr.models.vq_vae:VQVAE"),
     "hier_vae": Variant("ae_repr.models.hier_vae:HierVAE"),
+    "wae": Variant("ae_repr.models.wae:WAE", default_run=False),  # not in the default run: its time budget
 }
 
 

@@ -4,13 +4,22 @@ every task its capabilities allow, and a note (not a crash, not a substitute) fo
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from ae_repr.checkpoint import LoadedModel
 from ae_repr.config import EvalConfig
 from ae_repr.data import Normalizer
 from ae_repr.io import read_features, write_features
-from ae_repr.models import Autoencoder, GaussianPosterior, Prior, build_model, model_config
+from ae_repr.models import (
+    AnomalyScorer,
+    Autoencoder,
+    GaussianPosterior,
+    Prior,
+    Quantized,
+    build_model,
+    model_config,
+)
 from ae_repr.models.ae import AE
 from evaluation.anomaly import model_scores
 from evaluation.context import AppContext
@@ -60,6 +69,22 @@ def test_protocols_follow_methods_not_classes():
     assert not isinstance(prior, GaussianPosterior)
     vae = build_model("vae", model_config("vae", latent_dim=K, hidden=(8,)), (D,), "gaussian")
     assert isinstance(vae, Prior) and isinstance(vae, GaussianPosterior)
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [
+        ("ae", set()),
+        ("dae", set()),
+        ("vae", {GaussianPosterior, Prior, AnomalyScorer}),
+        ("beta_vae", {GaussianPosterior, Prior, AnomalyScorer}),
+        ("vq_vae", {Quantized, AnomalyScorer}),
+        ("hier_vae", {GaussianPosterior, Prior, AnomalyScorer}),
+    ],
+)
+def test_builtin_variants_declare_their_capabilities(variant, expected):
+    model = build_model(variant, model_config(variant, latent_dim=4, hidden=(8,)), (D,), "gaussian")
+    assert {c for c in (GaussianPosterior, Prior, Quantized, AnomalyScorer) if isinstance(model, c)} == expected
 
 
 def test_rate_distortion_without_a_posterior_is_a_note_not_a_crash(tmp_path):
