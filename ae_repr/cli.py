@@ -49,8 +49,9 @@ def _train_opts(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    from .config import ALL_VARIANTS
+    from .variants import variant_names
 
+    names = variant_names()  # built-ins and installed plug-ins
     top = _Parser(prog=PROG, description="Pretrain autoencoder variants, extract their features, measure them.")
     _common(top, top=True)
     sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "else a local SQLite store.")
     _train_opts(p)
     _data_opts(p)
-    p.add_argument("--variants", metavar="a,b,..", help=f"comma-separated subset of: {','.join(ALL_VARIANTS)}")
+    p.add_argument("--variants", metavar="a,b,..", help=f"comma-separated subset of: {','.join(names)}")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<dataset>)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     _common(p)
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one variant; writes DIR/models/V/",
                        description="Train one variant on the train split. Re-running the same command after a "
                        "crash resumes from the last completed epoch.")
-    p.add_argument("--variant", required=True, metavar="V", help=f"one of: {', '.join(ALL_VARIANTS)}")
+    p.add_argument("--variant", required=True, metavar="V", help=f"one of: {', '.join(names)}")
     _data_opts(p)
     _train_opts(p)
     p.add_argument("--out", required=True, metavar="DIR", help="run directory; the model goes to DIR/models/V/")
@@ -157,11 +158,11 @@ def _load_data(cfg):  # -> Dataset
 
 
 def _cmd_train(args: argparse.Namespace, created: list[Path]) -> int:
-    from .config import ALL_VARIANTS
     from .train import train_variant
+    from .variants import variant_names
 
-    if args.variant not in ALL_VARIANTS:
-        raise UserError(f"--variant {args.variant!r}: unknown; choose from {', '.join(ALL_VARIANTS)}")
+    if args.variant not in variant_names():
+        raise UserError(f"--variant {args.variant!r}: unknown; choose from {', '.join(variant_names())}")
     cfg = _load_cfg(args).with_overrides(variants=[args.variant])
     out = _out_dir(args.out, created)
     data = _load_data(cfg)

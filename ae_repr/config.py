@@ -20,8 +20,9 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .variants import default_variants, variant_names
 
-ALL_VARIANTS = ("ae", "dae", "vae", "beta_vae", "vq_vae", "hier_vae")
+ALL_VARIANTS = default_variants()  # the default run's variants, from the registry (ae_repr.variants)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,12 @@ class ModelsConfig(_Frozen):
     @field_validator("variants", "overrides")
     @classmethod
     def _known_variants(cls, v: Any, info: ValidationInfo) -> Any:
-        from .models import REGISTRY  # late: models import torch
-
         if info.field_name == "variants" and not v:
             raise ValueError("no variants selected")
-        unknown = [name for name in v if name not in REGISTRY]
+        names = variant_names()
+        unknown = [name for name in v if name not in names]
         if unknown:
-            raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(REGISTRY)}")
+            raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(names)}")
         return v
 
     @model_validator(mode="after")

@@ -25,8 +25,10 @@ import scale
 import trainer_vs_bare
 from _common import dump, machine, say
 
+from ae_repr.config import ALL_VARIANTS
+
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["ae", "dae", "vae", "beta_vae", "vq_vae", "hier_vae"]
+VARIANTS = list(ALL_VARIANTS)  # the registry's default run
 # full run, trainer vs bare (three sides each): a single round's ratio moves by up to +-10% on a shared machine
 # (0.91 and 1.13 in adjacent rounds of the same case); the median of five holds each case to a few percent
 ROUNDS = 5

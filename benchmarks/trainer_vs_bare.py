@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from _common import Measured, alternate, dump, machine, measure, median_rate, paired_ratio, random_binary, say
 
-from ae_repr.config import ExperimentConfig, TrainConfig
+from ae_repr.config import ALL_VARIANTS, ExperimentConfig, TrainConfig
 from ae_repr.corruption import corrupt
 from ae_repr.data.dataset import Dataset
 from ae_repr.models import build_model
@@ -134,14 +134,14 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"variants {QUICK_VARIANTS}, fewer rounds (CI-sized)")
-    ap.add_argument("--variants", help="comma-separated variants (default: all six; --quick: " + QUICK_VARIANTS + ")")
+    ap.add_argument("--variants", help="comma-separated variants (default: the registry's default run; --quick: " + QUICK_VARIANTS + ")")
     ap.add_argument("--backbones", default="mlp,conv", help="comma-separated backbones (default: mlp,conv)")
     ap.add_argument("--rounds", type=int, help="alternating rounds (default 3)")
     ap.add_argument("--epochs", type=int, default=2, help="epochs per training run (default 2)")
     ap.add_argument("--stock-adamw", action="store_true", help="also time the bare loop with stock AdamW")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args()
-    variants = (args.variants or (QUICK_VARIANTS if args.quick else "ae,dae,vae,beta_vae,vq_vae,hier_vae")).split(",")
+    variants = (args.variants or (QUICK_VARIANTS if args.quick else ",".join(ALL_VARIANTS))).split(",")
     result = run(variants, args.backbones.split(","), args.rounds or 3, args.epochs, args.stock_adamw,
                  scale=0.5 if args.quick else 1.0)
     dump(args.json, {"machine": machine(), **result})

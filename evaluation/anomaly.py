@@ -16,10 +16,10 @@ normalized space:
 
 - `auroc` / `auprc`, every variant: the reconstruction error, ||x - model.reconstruct(x)||^2 summed
   over inputs (decode(encode(x)), the likelihood mean), so the headline metric means the same for all;
-- `auroc_neg_elbo` / `auprc_neg_elbo`, models with `log_weight` (the VAE family): the negative ELBO,
-  the mean of -log w over `ELBO_DRAWS` posterior draws;
-- `auroc_code_distance` / `auprc_code_distance`, models with `quantization_error` (vq_vae): the squared
-  distance from the encoder outputs to their nearest codes, summed over positions.
+- `auroc_<score>` / `auprc_<score>` for each score of a model with the `AnomalyScorer` capability
+  (`anomaly_scores`): `neg_elbo` (the VAE family: the mean of -log w over `ELBO_DRAWS` posterior draws),
+  `code_distance` (vq_vae: the squared distance from the encoder outputs to their nearest codes, summed
+  over positions), or a plug-in's own.
 
 The model-free baselines are PCA (k components, squared reconstruction error) and scikit-learn's
 IsolationForest (score = -score_samples); they get `auroc` / `auprc` only.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from ae_repr.checkpoint import LoadedModel, load_model
 from ae_repr.config import EvalConfig, ExperimentConfig, ModelsConfig
 from ae_repr.data.dataset import make_dataset
-from ae_repr.models import Autoencoder, inference_copy
+from ae_repr.models import AnomalyScorer, Autoencoder, inference_copy
+from ae_repr.models.capabilities import GaussianLatentScores
 from ae_repr.train import train_variant
 
 from .context import AppContext, TaskOutput
@@ -52,9 +52,10 @@ from .results import result_frame, result_row
 
 log = logging.getLogger(__name__)
 
-ELBO_DRAWS = 10  # posterior draws averaged into the negative-ELBO score
+ELBO_DRAWS = GaussianLatentScores.ELBO_DRAWS  # posterior draws averaged into the negative-ELBO score
 _BATCH = 512  # rows per forward pass when scoring
 HEADLINE = "reconstruction"  # the score behind `auroc` / `auprc`; every other score is `auroc_<name>` / `auprc_<name>`
+_OWN_SCORE = "the model's own score (anomaly_scores)"  # a plug-in's score, named by the plug-in
 _SCORE_NAMES = {
     HEADLINE: "squared reconstruction error (normalized input vs decode(encode(x)), summed over inputs)",
     "neg_elbo": f"negative ELBO (mean -log w over {ELBO_DRAWS} posterior draws)",
@@ -94,7 +95,10 @@ def anomaly(ctx: AppContext) -> TaskOutput:
         loaded = retrain_on_normal(ctx, normal_train, test, Path(directory) / "anomaly_model", epochs)
         x = loaded.normalizer.torch(torch.from_numpy(np.ascontiguousarray(ctx.x_raw[test])))
         scores = model_scores(inference_copy(loaded.model), x, seed=ctx.seed)
-    described = "; ".join(f"{_metric('auroc', n)}/{_metric('auprc', n)}: {_SCORE_NAMES[n]}" for n in scores)
+    described = "; ".join(
+        f"{_metric('auroc', n)}/{_metric('auprc', n)}: {_SCORE_NAMES.get(n, _OWN_SCORE)}"
+        for n in scores
+    )
     note = (
         f"{ctx.name}: anomaly classes {list(anomalous)}; the {ctx.loaded.variant} retrained on the normal "
         f"classes ({loaded.meta.get('steps')} steps, {loaded.meta.get('epochs_run')} epochs, stopped on "
@@ -159,22 +163,19 @@ def retrain_on_normal(
 def model_scores(model: Autoencoder, x: torch.Tensor, *, seed: int = 0) -> dict[str, np.ndarray]:
     """Anomaly scores per row of normalized inputs `x` (higher = more anomalous) by score name, float64 (n,).
 
-    Every model gets `HEADLINE` (reconstruction error); the others by what the model offers, not its class.
+    Every model gets `HEADLINE` (reconstruction error); an `AnomalyScorer` adds its own `anomaly_scores`.
     """
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    kinds: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        HEADLINE: lambda xb: (model.reconstruct(xb) - xb).pow(2).flatten(1).sum(1),  # (B, *shape) -> (B,)
-    }
-    if hasattr(model, "log_weight"):
-        kinds["neg_elbo"] = lambda xb: (
-            -model.log_weight(xb, generator, draws=ELBO_DRAWS).reshape(ELBO_DRAWS, len(xb)).mean(0)
-        )
-    if hasattr(model, "quantization_error"):
-        kinds["code_distance"] = model.quantization_error
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in kinds}
+
+    def scores(xb: torch.Tensor) -> dict[str, torch.Tensor]:
+        own = model.anomaly_scores(xb, generator) if isinstance(model, AnomalyScorer) else {}
+        assert HEADLINE not in own, f"{type(model).__name__}: anomaly score {HEADLINE!r} is reserved"
+        return {HEADLINE: (model.reconstruct(xb) - xb).pow(2).flatten(1).sum(1), **own}  # (B, *shape) -> (B,)
+
+    out: dict[str, list[torch.Tensor]] = {}
     for xb in x.split(_BATCH):
-        for name, score in kinds.items():
-            out[name].append(score(xb).double().cpu())
+        for name, score in scores(xb).items():
+            out.setdefault(name, []).append(score.double().cpu())
     return {name: torch.cat(parts).numpy() for name, parts in out.items()}
 
 

@@ -1,7 +1,7 @@
 """The application tasks as one table: which task runs on which representation, and their shared plumbing.
 
 A learned representation (a feature file with its model) runs every task in `cfg.applications` that
-applies to its family; a baseline feature file runs the model-free ones (disentanglement). Once per
+its capabilities allow (a task a model cannot serve leaves a note saying why); a baseline feature file runs the model-free ones (disentanglement). Once per
 run, `application_baselines` scores the model-free references of the model tasks (PCA and
 IsolationForest for anomaly, mean-image and PCA fill for inpainting, real data for generation)
 under the same protocols. Pictures go to `<name>.pictures.npz` beside the result table; the run-level

@@ -6,8 +6,8 @@ episodes of `evaluation.fewshot`), a StandardScaler + LogisticRegression(C=`fews
 the normalized flat inputs is fitted (a) on the shots alone and (b) on the shots plus
 `augment_per_shot` neighbours per shot, labelled as their shot. A neighbour is
 decode(z + augment_noise * std * eps), z = encode(shot), std the per-dimension std of the train
-features, eps ~ N(0, I) from a torch generator seeded by `episode_generator(seed, episode)`; vq_vae
-re-quantizes the perturbed latent before decoding. Rows: `accuracy_delta` (mean over episodes of
+features, eps ~ N(0, I) from a torch generator seeded by `episode_generator(seed, episode)`; a `Quantized`
+model (vq_vae) re-projects the perturbed latent onto its codebook before decoding. Rows: `accuracy_delta` (mean over episodes of
 test accuracy (b) - (a), with its 95% Student-t interval), `accuracy_base` and `accuracy_augmented`
 (means), all with `k` and `n_seeds`.
 """
@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score
 
-from ae_repr.models import Autoencoder
-from ae_repr.models.vq_vae import VQVAE
+from ae_repr.models import Autoencoder, Quantized
 
 from .context import AppContext, TaskOutput
 from .fewshot import fewshot_episodes, t_interval, usable_k
@@ -46,8 +45,8 @@ def neighbours(
     z = model.encode(x)  # (B, L)
     eps = torch.randn((len(x), n, z.shape[1]), generator=generator, device=z.device)
     z_new = (z[:, None] + noise * std * eps).reshape(-1, z.shape[1])  # (B, n, L) -> (B * n, L)
-    if isinstance(model, VQVAE):  # the decoder only ever saw codebook vectors
-        z_new = model.quantize(z_new.reshape(-1, model.cfg.code_dim))[1].reshape(-1, model.latent_dim)
+    if isinstance(model, Quantized):  # the decoder only ever saw codebook vectors
+        z_new = model.project(z_new)
     return model.decode(z_new).reshape(len(x), n, *model.input_shape)
 
 

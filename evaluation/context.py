@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -22,14 +21,10 @@ from ae_repr.config import EvalConfig, TrainConfig
 from ae_repr.data import Normalizer
 from ae_repr.io import FeatureFile
 from ae_repr.models import Autoencoder, inference_copy
-from ae_repr.models.hier_vae import HierVAE
-from ae_repr.models.vae import VAE
-from ae_repr.models.vq_vae import VQVAE
+from ae_repr.models.capabilities import describe
 
 from .inputs import dataset_of, labels, split_mask
 from .results import result_frame
-
-Family = Literal["gaussian", "vq", "deterministic"]
 
 
 @dataclass(frozen=True)
@@ -58,13 +53,13 @@ class AppContext:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_raw.shape[1:])
 
-    @property
-    def family(self) -> Family:
-        """gaussian: vae, beta_vae, hier_vae (a prior and an ELBO); vq: vq_vae; deterministic: ae, dae."""
-        m = self.model
-        if isinstance(m, VAE | HierVAE):
-            return "gaussian"
-        return "vq" if isinstance(m, VQVAE) else "deterministic"
+    def has(self, capability: type) -> bool:
+        """Whether the model offers a capability (a protocol of `ae_repr.models.capabilities`)."""
+        return self.loaded is not None and isinstance(self.model, capability)
+
+    def skipped(self, task: str, capability: type, what: str = "") -> str:
+        """The report note of a task (or a part of one, `what`) not run for want of a capability."""
+        return f"{self.name}: {task}{' ' + what if what else ''} not run: the model has no {describe(capability)}."
 
     @property
     def labels(self) -> np.ndarray | None:

@@ -11,12 +11,12 @@ mean nll_is from the importance sampling alone (delta method on each row's weigh
 a bootstrap over the scored test rows. Representation `factorized` is the likelihood with no latent:
 independent per-dimension histograms (discrete data) or Gaussians fitted to the train rows, scored
 exactly on the same rows; a model above it is worse than no model.
-Gaussian family only, on at most `nll_max_rows` test rows chosen by sample_id with the evaluation
+Models with the `GaussianPosterior` capability only (the others get a note saying why), on at most `nll_max_rows` test rows chosen by sample_id with the evaluation
 seed, `nll_samples` draws each.
 
-Prior samples: vae, beta_vae and hier_vae draw from their own prior. vq_vae has none of its own and gets
-the simplest fitted one, an independent categorical per position with the train rows' code
-frequencies (van den Oord et al. 2017 fit a PixelCNN over the code grid instead). ae and dae get a
+Prior samples: a model with the `Prior` capability (vae, beta_vae, hier_vae) draws from its own prior. A
+`Quantized` model without one (vq_vae) gets the simplest fitted one, an independent categorical per position with the train rows' code
+frequencies (van den Oord et al. 2017 fit a PixelCNN over the code grid instead). Any other model (ae, dae) gets a
 full-covariance Gaussian fitted to the train rows' codes (ex-post density estimation, Ghosh et al.
 2020, "From Variational to Deterministic Autoencoders").
 
@@ -28,8 +28,9 @@ Salimans et al. 2016 with this classifier in place of Inception). `generation_re
 test rows the same way as representation `real_data`.
 
 Pictures: 16 prior samples; decoded interpolations between fixed test pairs of different labels,
-spherical for Gaussian latents (White 2016, "Sampling Generative Networks"), linear otherwise and
-re-quantized for vq_vae; traversals of single latent dimensions from one test example's code.
+in the geometry of the model's prior (`Prior.latent_geometry`: spherical for Gaussian latents, White 2016,
+"Sampling Generative Networks"), linear otherwise, re-projected onto the codebook for `Quantized` models;
+traversals of single latent dimensions from one test example's code (none for `Quantized` models).
 """
 
 from __future__ import annotations
@@ -51,10 +52,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ae_repr.config import EvalConfig
 from ae_repr.likelihoods import Likelihood, likelihood_for
-from ae_repr.models import Autoencoder
-from ae_repr.models.hier_vae import HierVAE
-from ae_repr.models.vae import VAE
-from ae_repr.models.vq_vae import VQVAE
+from ae_repr.models import Autoencoder, GaussianPosterior, Prior, Quantized
 
 from .context import AppContext, TaskOutput
 from .inputs import label_problem, single_thread, subsample
@@ -92,7 +90,7 @@ def _map_rows(ctx: AppContext, rows: np.ndarray, fn: Callable[[torch.Tensor], to
 
 @torch.inference_mode()
 def log_weights(
-    model: VAE | HierVAE, x: torch.Tensor, n_samples: int, *, generator: torch.Generator, chunk: int = 32
+    model: GaussianPosterior, x: torch.Tensor, n_samples: int, *, generator: torch.Generator, chunk: int = 32
 ) -> torch.Tensor:
     """log p(x, z_s) - log q(z_s|x) for `n_samples` posterior draws per row, (S, B), `chunk` draws per pass."""
     out = []
@@ -115,7 +113,7 @@ def nll_mc_variance(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def nll_is(
-    model: VAE | HierVAE, x: torch.Tensor, n_samples: int, *, generator: torch.Generator, chunk: int = 32
+    model: GaussianPosterior, x: torch.Tensor, n_samples: int, *, generator: torch.Generator, chunk: int = 32
 ) -> torch.Tensor:
     """Importance-sampled negative log-likelihood per row, nats, (B,) (Burda et al. 2016)."""
     return _nll(log_weights(model, x, n_samples, generator=generator, chunk=chunk))
@@ -127,9 +125,9 @@ def nll_is(
 def _code_frequencies(ctx: AppContext) -> torch.Tensor:
     """Per-position frequencies of every code over the train rows, (positions, codebook_size)."""
     model = ctx.model
-    assert isinstance(model, VQVAE)
+    assert isinstance(model, Quantized)
     idx = _map_rows(ctx, ctx.rows("train"), model.code_indices)  # (N, P)
-    onehot = F.one_hot(idx, model.cfg.codebook_size).double()  # (N, P, K)
+    onehot = F.one_hot(idx, model.codebook_size).double()  # (N, P, K)
     return onehot.mean(0)
 
 
@@ -145,10 +143,9 @@ def _code_gaussian(ctx: AppContext) -> tuple[np.ndarray, np.ndarray]:
 def prior_samples(ctx: AppContext, n: int, generator: torch.Generator) -> torch.Tensor:
     """`n` decoded draws from the model's prior or a prior fitted to its train codes, (n, *input_shape)."""
     model, device = ctx.model, _device(ctx.model)
-    if ctx.family == "gaussian":
+    if isinstance(model, Prior):
         return model.sample(n, generator)
-    if ctx.family == "vq":
-        assert isinstance(model, VQVAE)
+    if isinstance(model, Quantized):
         probs = _code_frequencies(ctx).to(device)  # (P, K)
         idx = torch.multinomial(probs, n, replacement=True, generator=generator).T  # (P, n) -> (n, P)
         return model.decode_codes(idx)
@@ -196,13 +193,13 @@ def interpolations(ctx: AppContext, pairs: int = 4, steps: int = 8) -> np.ndarra
     starts, ends = _test_pairs(ctx, pairs)
     za, zb = model.encode(ctx.inputs(starts).to(device)), model.encode(ctx.inputs(ends).to(device))
     t = torch.linspace(0.0, 1.0, steps, device=device)
-    if ctx.family == "gaussian":
+    if isinstance(model, Prior) and model.latent_geometry == "spherical":
         z = slerp(za, zb, t)
     else:  # lerp's weight-1 branch returns the end exactly
         z = torch.lerp(za[:, None], zb[:, None], t[None, :, None])  # (pairs, steps, K)
     z = z.reshape(-1, model.latent_dim)  # (pairs * steps, K)
-    if isinstance(model, VQVAE):  # the decoder only knows code vectors
-        z = model.quantize(z.reshape(-1, model.cfg.code_dim))[1].reshape(-1, model.latent_dim)  # (n * P, D) -> (n, K)
+    if isinstance(model, Quantized):  # the decoder only knows code vectors
+        z = model.project(z)
     return model.decode(z).reshape(len(starts), steps, *ctx.input_shape).float().cpu().numpy()
 
 
@@ -211,11 +208,11 @@ def traversals(
     ctx: AppContext, dims: int = 6, steps: int = 7, span: float = 2.5
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decoded single-dimension traversals from one test example's code, (dims, steps, *input_shape), and the dims."""
-    if ctx.family == "vq":  # a code vector moved off the codebook means nothing to the decoder
+    if ctx.has(Quantized):  # a code vector moved off the codebook means nothing to the decoder
         return np.empty((0, steps, *ctx.input_shape), dtype=np.float32), np.empty(0, dtype=np.int64)
     model, device = ctx.model, _device(ctx.model)
     offsets = np.linspace(-span, span, steps)
-    if ctx.family == "gaussian":  # the most informative dims, moved across the N(0, 1) prior
+    if isinstance(model, GaussianPosterior) and isinstance(model, Prior):  # informative dims, across the N(0, 1) prior
         score = _map_rows(ctx, ctx.rows("test"), lambda x: kl_per_dim(model, x)).mean(0).double().cpu().numpy()
         center, scale = np.zeros_like(score), np.ones_like(score)
     else:  # the widest-spread dims, moved across their train spread
@@ -272,12 +269,13 @@ def quality_metrics(clf: Pipeline, x_flat: np.ndarray) -> dict[str, float]:
 
 
 def generation(ctx: AppContext) -> TaskOutput:
-    """Importance-sampled NLL (Gaussian family), prior-sample quality (with labels), and the generation pictures."""
+    """Importance-sampled NLL (`GaussianPosterior` models), prior-sample quality (with labels), the generation pictures."""
     cfg, model, name = ctx.cfg, ctx.model, ctx.name
     device = _device(model)
     rows_out, notes = [], []
-    if ctx.family == "gaussian":
-        assert isinstance(model, VAE | HierVAE)
+    if not isinstance(model, GaussianPosterior):
+        notes.append(ctx.skipped("nll_is", GaussianPosterior).removeprefix(f"{name}: ").removesuffix("."))
+    else:
         rows = subsample(ctx.ff, "test", cfg.nll_max_rows, ctx.seed)
         gen = _generator(ctx)
         log_w = torch.cat(
@@ -306,7 +304,7 @@ def generation(ctx: AppContext) -> TaskOutput:
         )
         log.info("%s: nll_is %.2f nats (%.3f bits/dim, MC s.e. %.3g), elbo %.2f", name, nll,
                  nll / (model.input_dim * math.log(2)), mc_se, elbo)
-    if ctx.family == "vq":  # codes no train row uses: a codebook's dead weight (the prior gives them no mass)
+    if isinstance(model, Quantized):  # codes no train row uses: a codebook's dead weight (the prior gives them no mass)
         dead = float((_code_frequencies(ctx).sum(0) == 0).double().mean())
         rows_out.append(result_row(name, TASK, "dead_code_fraction", dead))
         notes.append(f"{dead:.1%} of the codebook's codes are used by no train row at any position")
@@ -318,13 +316,12 @@ def generation(ctx: AppContext) -> TaskOutput:
         metrics = quality_metrics(fit_quality_classifier(ctx), samples[:n].reshape(n, -1))
         rows_out += [result_row(name, TASK, k, v) for k, v in metrics.items()]
         notes.append(f"quality of {n} prior samples under a logistic regression on the real train rows")
-    notes.append(
-        {
-            "gaussian": "samples from the model's prior",
-            "vq": "vq prior: independent categorical per position, fitted to the train codes",
-            "deterministic": "prior: full-covariance Gaussian fitted to the train codes",
-        }[ctx.family]
-    )
+    if isinstance(model, Prior):
+        notes.append("samples from the model's prior")
+    elif isinstance(model, Quantized):
+        notes.append("vq prior: independent categorical per position, fitted to the train codes")
+    else:
+        notes.append("prior: full-covariance Gaussian fitted to the train codes")
     pictures = {f"{name}/samples": samples[:SHOWN], f"{name}/interpolations": interpolations(ctx)}
     grid, dims = traversals(ctx)
     if len(dims):

@@ -12,7 +12,7 @@ information: whose mean KL(q(z_d|x) || p(z_d)) over the test rows exceeds 0.01 n
 has varying means and no KL, so the KL is what is counted here.) Models with levels (`level_dims`,
 hier_vae) also give `active_units_0`, `active_units_1`, ... per level, bottom first. Picture
 `<name>/kl_per_dim` holds the mean KL of every latent dimension (hier_vae: levels concatenated bottom
-first). Models without a Gaussian posterior and prior (ae, dae, vq_vae) give no rows.
+first). Models without the `GaussianPosterior` capability (ae, dae, vq_vae) give no rows, only a note saying why.
 """
 
 from __future__ import annotations
@@ -23,10 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ae_repr.losses import gaussian_kl
-from ae_repr.models import Autoencoder
-from ae_repr.models.hier_vae import HierVAE
-from ae_repr.models.vae import VAE
+from ae_repr.models import Autoencoder, GaussianPosterior
 
 from .context import AppContext, TaskOutput
 from .results import result_frame, result_row
@@ -38,17 +35,10 @@ THRESHOLD = 0.01  # mean KL (nats) above which a latent dimension counts as acti
 
 
 def kl_per_dim(model: Autoencoder, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-row, per-dimension KL(q || p), (B, latent_dim), levels bottom first.
-
-    hier_vae's lower levels are scored at a posterior draw of the levels above, or at their means
-    when `generator` is None (their priors depend on those draws).
-    """
-    if isinstance(model, VAE):
-        return gaussian_kl(*model.posterior(x))
-    if isinstance(model, HierVAE):
-        levels = model.infer(x, sample=generator is not None, generator=generator)[1]
-        return torch.cat([lv.kl() for lv in levels], dim=1)  # (B, latent_dim), bottom first
-    raise TypeError(f"{type(model).__name__} has no Gaussian posterior and prior")
+    """Per-row, per-dimension KL(q || p), (B, latent_dim): the model's own `kl_per_dim` (see its docstring)."""
+    if not isinstance(model, GaussianPosterior):
+        raise TypeError(f"{type(model).__name__} has no Gaussian posterior and prior")
+    return model.kl_per_dim(x, generator)
 
 
 def active_unit_counts(
@@ -66,8 +56,8 @@ def active_unit_counts(
 
 def rate_distortion(ctx: AppContext) -> TaskOutput:
     """Test-split rate (mean KL), distortion (mean recon term) and active units of a Gaussian-latent model."""
-    if ctx.family != "gaussian":
-        return TaskOutput()
+    if not ctx.has(GaussianPosterior):
+        return TaskOutput(notes=(ctx.skipped("rate_distortion", GaussianPosterior),))
     model = ctx.model
     device = next(model.parameters()).device
     rows = ctx.rows("test")
@@ -95,6 +85,7 @@ def rate_distortion(ctx: AppContext) -> TaskOutput:
     note = (
         f"rate_distortion ({ctx.name}): rate = mean KL(q(z|x) || p(z)), distortion = mean -log p(x|z) "
         f"({model.likelihood}), on {len(rows)} test rows, seed {ctx.seed}; "
-        f"active units: dimensions with mean KL > {THRESHOLD} nats{levels}; beta={model.cfg.beta:g}"
+        f"active units: dimensions with mean KL > {THRESHOLD} nats{levels}"
+        + (f"; beta={model.cfg.beta:g}" if hasattr(model.cfg, "beta") else "")
     )
     return TaskOutput(frame=frame, pictures={f"{ctx.name}/kl_per_dim": per_dim.astype(np.float32)}, notes=(note,))

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from ae_repr.checkpoint import LoadedModel, load_model
 from ae_repr.io import read_features, read_json
+from ae_repr.models import Prior
 
 from .plots import save_figure
 
@@ -118,12 +119,10 @@ def plot_reconstructions(
 def plot_prior_samples(
     loaded: LoadedModel, path: str | os.PathLike[str], *, n: int = 16, seed: int = 0
 ) -> Path | None:
-    """Decoded draws from the model's prior; None for a variant that has no prior (`sample` not implemented)."""
-    gen = torch.Generator().manual_seed(seed)
-    try:
-        samples = loaded.model.sample(n, generator=gen).float().numpy()
-    except NotImplementedError:
+    """Decoded draws from the model's prior; None for a model without the `Prior` capability."""
+    if not isinstance(loaded.model, Prior):
         return None
+    samples = loaded.model.sample(n, generator=torch.Generator().manual_seed(seed)).float().numpy()
     imgs = as_images(samples)
     per_row = 8
     rows = [("samples", imgs[i : i + per_row]) for i in range(0, len(imgs), per_row)]

@@ -1,4 +1,4 @@
-"""The variant registry: public name -> (model class, config defaults). The only registry there is."""
+"""The models' public interface: the registry (see `ae_repr.variants`), building a variant, its capabilities."""
 
 from __future__ import annotations
 
@@ -10,31 +10,19 @@ from typing import Any
 import torch
 
 from ..likelihoods import Likelihood
-from .ae import AE
+from ..variants import Variant, lookup, registry
 from .backbones import inference_copy
 from .base import Autoencoder, Corruption, ModelConfig
-from .hier_vae import HierVAE
-from .vae import VAE
-from .vq_vae import VQVAE
+from .capabilities import AnomalyScorer, GaussianPosterior, Prior, Quantized
 
-REGISTRY: dict[str, tuple[type[Autoencoder], dict[str, Any]]] = {
-    "ae": (AE, {}),
-    # additive Gaussian noise (std 0.3 on [0, 1] data) rather than masking: an 8x8 digit pixel is a
-    # large piece of a stroke, so masking 30% deletes strokes the code then has to guess. Measured
-    # (conv AE, latent 16, 60 epochs, linear probe, mean of 5 seeds): gaussian 0.3 0.964, masking 0.1
-    # 0.963, masking 0.3 0.956, plain AE 0.960.
-    "dae": (AE, {"corruption": {"kind": "gaussian", "level": 0.3}}),
-    "vae": (VAE, {}),
-    "beta_vae": (VAE, {"beta": 4.0}),
-    "vq_vae": (VQVAE, {}),
-    "hier_vae": (HierVAE, {}),
-}
+# the registry itself lives in ae_repr.variants (names readable without importing torch); this is the same dict
+REGISTRY: dict[str, Variant] = registry()
 
 
 def model_config(variant: str, **fields: Any) -> ModelConfig:
     """The variant's typed config: its registry defaults, then `fields` (validated; unknown keys rejected)."""
-    cls, defaults = REGISTRY[variant]
-    return cls.Config.model_validate({**defaults, **fields})
+    entry = lookup(variant)
+    return entry.load().Config.model_validate({**entry.defaults, **fields})
 
 
 # module initializers draw from torch's global generator: every module construction takes this lock,
@@ -62,13 +50,17 @@ def build_model(
 ) -> Autoencoder:
     """Instantiate a registered variant for inputs of `input_shape`; with `seed`, its initial weights
     depend on the seed alone (see `module_init`)."""
-    cls, _ = REGISTRY[variant]
+    cls = lookup(variant).load()
     with module_init(seed):
         return cls(cfg, input_shape, likelihood)
 
 
 __all__ = [
     "REGISTRY",
+    "AnomalyScorer",
+    "GaussianPosterior",
+    "Prior",
+    "Quantized",
     "Autoencoder",
     "Corruption",
     "ModelConfig",

@@ -50,7 +50,11 @@ class ModelConfig(BaseModel):
 
 
 class Autoencoder(nn.Module, ABC):
-    """Abstract autoencoder: `encode`, `decode`, `loss`; built from a config and the input shape."""
+    """Abstract autoencoder: `encode`, `decode`, `loss`; built from a config and the input shape.
+
+    What a variant can do beyond these (a prior to sample from, a Gaussian posterior, a codebook, anomaly
+    scores of its own) it declares by having the methods of `ae_repr.models.capabilities`' protocols.
+    """
 
     Config: ClassVar[type[ModelConfig]] = ModelConfig
 
@@ -101,7 +105,3 @@ class Autoencoder(nn.Module, ABC):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """decode(encode(x))."""
         return self.decode(self.encode(x))
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draws from the model's prior, in data space; generative variants override."""
-        raise NotImplementedError(f"{type(self).__name__} has no prior to sample from")

@@ -29,6 +29,7 @@ from ..losses import (
 )
 from .backbones import Activation, make_decoder, make_encoder
 from .base import Autoencoder
+from .capabilities import GaussianLatentScores
 from .vae import VAEConfig
 
 
@@ -90,8 +91,9 @@ class _Residual(nn.Module):
         return h + self.f(h if extra is None else torch.cat([h, extra], dim=1))
 
 
-class HierVAE(Autoencoder):
-    """Top-down hierarchical VAE; `encode` is all levels' posterior means, bottom first."""
+class HierVAE(GaussianLatentScores, Autoencoder):
+    """Top-down hierarchical VAE; `encode` is all levels' posterior means, bottom first. Capabilities:
+    GaussianPosterior, Prior, AnomalyScorer."""
 
     Config = HierVAEConfig
 
@@ -156,6 +158,13 @@ class HierVAE(Autoencoder):
         """The likelihood mean given every level's z concatenated bottom first, (B, *input_shape)."""
         zs = z.split(self.level_dims, dim=1)  # bottom first
         return self.likelihood.mean(self.decoder(self._walk(zs[-1], lambda lvl, _: zs[lvl])))
+
+    def kl_per_dim(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-row, per-dimension KL(q || p), (B, latent_dim), levels bottom first; lower levels are scored at a
+        posterior draw of the levels above, or at their means when `generator` is None (their priors depend on
+        those draws)."""
+        levels = self.infer(x, sample=generator is not None, generator=generator)[1]
+        return torch.cat([lv.kl() for lv in levels], dim=1)  # (B, latent_dim), bottom first
 
     def log_weight(self, x: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1) -> torch.Tensor:
         """log p(x, z) - log q(z|x) at `draws` draws of every level from the posterior, constants included,

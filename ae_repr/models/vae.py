@@ -22,6 +22,7 @@ from ..losses import (
 )
 from .backbones import make_decoder, make_encoder
 from .base import Autoencoder, ModelConfig
+from .capabilities import GaussianLatentScores
 
 
 class VAEConfig(ModelConfig):
@@ -30,8 +31,8 @@ class VAEConfig(ModelConfig):
     beta: float = Field(1.0, ge=0)
 
 
-class VAE(Autoencoder):
-    """Gaussian-latent VAE; `encode` is the posterior mean."""
+class VAE(GaussianLatentScores, Autoencoder):
+    """Gaussian-latent VAE; `encode` is the posterior mean. Capabilities: GaussianPosterior, Prior, AnomalyScorer."""
 
     Config = VAEConfig
 
@@ -59,6 +60,10 @@ class VAE(Autoencoder):
         """Decoded draws from the N(0, I) prior, (n, *input_shape)."""
         device = next(self.parameters()).device
         return self.decode(torch.randn(n, self.latent_dim, generator=generator, device=device))
+
+    def kl_per_dim(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-row, per-dimension KL(q(z|x) || N(0, I)), (B, latent_dim); exact, so `generator` is unused."""
+        return gaussian_kl(*self.posterior(x))
 
     def log_weight(self, x: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1) -> torch.Tensor:
         """log p(x, z) - log q(z|x) at `draws` z ~ q(z|x) per row, constants included, (draws * B,) draw-major.

@@ -46,7 +46,8 @@ class VQVAEConfig(ModelConfig):
 
 
 class VQVAE(Autoencoder):
-    """Vector-quantized autoencoder; `encode` returns the quantized latent, (B, latent_dim)."""
+    """Vector-quantized autoencoder; `encode` returns the quantized latent, (B, latent_dim). Capabilities:
+    Quantized, AnomalyScorer (no prior of its own: evaluation fits one to the codes)."""
 
     Config = VQVAEConfig
     EMA_EPS = 1e-5  # Laplace smoothing of EMA cluster sizes
@@ -76,6 +77,18 @@ class VQVAE(Autoencoder):
         """Nearest codes for rows `z` (N, code_dim): (indices (N,), quantized (N, code_dim))."""
         idx = nearest_code(z.detach(), self.codebook)
         return idx, F.embedding(idx, self.codebook)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.cfg.codebook_size
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, latent_dim) replaced by their nearest codes at every position, (B, latent_dim)."""
+        return self.quantize(z.reshape(-1, self.cfg.code_dim))[1].reshape(-1, self.latent_dim)  # (B * P, D) -> (B, L)
+
+    def anomaly_scores(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """`code_distance`: the quantization error per row (see `quantization_error`), (B,)."""
+        return {"code_distance": self.quantization_error(x)}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The quantized latent, flattened, (B, latent_dim)."""

@@ -12,14 +12,25 @@ import torch
 from pydantic import ValidationError
 
 from ae_repr.checkpoint import load_model, save_model
+from ae_repr.config import ALL_VARIANTS, ModelsConfig
 from ae_repr.data.dataset import Normalizer
 from ae_repr.errors import ConfigError
-from ae_repr.models import REGISTRY, Autoencoder, build_model, inference_copy, model_config
+from ae_repr.models import (
+    REGISTRY,
+    AnomalyScorer,
+    Autoencoder,
+    GaussianPosterior,
+    Prior,
+    Quantized,
+    build_model,
+    inference_copy,
+    model_config,
+)
 from ae_repr.models.backbones import DenseConv, make_decoder, make_encoder
+from ae_repr.variants import BUILTIN, registry, variant_names
 
 SHAPES = [(64,), (1, 8, 8)]
 CASES = [(v, s) for v in REGISTRY for s in SHAPES] + [("vae", (1, 28, 28)), ("vq_vae", (1, 28, 28))]
-GENERATIVE = {"vae", "beta_vae", "hier_vae"}
 B = 6
 
 
@@ -34,7 +45,11 @@ def _x(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_keys() -> None:
-    assert list(REGISTRY) == ["ae", "dae", "vae", "beta_vae", "vq_vae", "hier_vae"]
+    assert list(REGISTRY)[: len(BUILTIN)] == list(BUILTIN)  # built-ins first; a new one needs no edit here
+    assert REGISTRY is registry() and tuple(REGISTRY) == variant_names()
+    # the default run is the registry's: no second list of names
+    assert ALL_VARIANTS == ModelsConfig().variants == tuple(n for n, v in BUILTIN.items() if v.default_run)
+    assert ALL_VARIANTS == ("ae", "dae", "vae", "beta_vae", "vq_vae", "hier_vae")
     assert model_config("dae").corruption is not None and model_config("ae").corruption is None
 
 
@@ -46,11 +61,30 @@ def test_encode_decode_shapes(variant: str, shape: tuple[int, ...]) -> None:
     rec = model.decode(z)
     assert rec.shape == (B, *shape) and 0 <= rec.min() and rec.max() <= 1  # Bernoulli mean
     assert model.reconstruct(_x(shape)).shape == (B, *shape)
-    if variant in GENERATIVE:
-        assert model.sample(3).shape == (3, *shape)
-    else:
-        with pytest.raises(NotImplementedError):
-            model.sample(3)
+
+
+@pytest.mark.parametrize(("variant", "shape"), CASES)
+def test_capabilities_keep_their_shapes(variant: str, shape: tuple[int, ...]) -> None:
+    """Whatever capabilities a variant declares, their methods give what the protocols promise."""
+    model, x = _model(variant, shape).eval(), _x(shape)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if isinstance(model, Prior):
+            assert model.sample(3, gen).shape == (3, *shape)
+            assert model.latent_geometry in ("spherical", "linear")
+        if isinstance(model, GaussianPosterior):
+            kl = model.kl_per_dim(x, gen)
+            assert kl.shape == (B, 8) and bool((kl >= -1e-6).all())
+            assert model.log_weight(x, gen, draws=2).shape == (2 * B,)
+        if isinstance(model, Quantized):
+            idx = model.code_indices(x)
+            assert idx.shape == (B, model.positions) and int(idx.max()) < model.codebook_size
+            z = model.encode(x)
+            torch.testing.assert_close(model.project(z), z)  # codes are their own projection
+            torch.testing.assert_close(model.decode_codes(idx), model.decode(z))
+        if isinstance(model, AnomalyScorer):
+            for name, score in model.anomaly_scores(x, gen).items():
+                assert score.shape == (B,) and bool(torch.isfinite(score).all()), name
 
 
 @pytest.mark.parametrize(("variant", "shape"), CASES)
@@ -153,7 +187,7 @@ def test_inference_copy_computes_the_same_map(variant: str) -> None:
     with torch.inference_mode():
         torch.testing.assert_close(fast.encode(x), model.encode(x), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fast.reconstruct(x), model.reconstruct(x), rtol=1e-5, atol=1e-6)
-        if variant in GENERATIVE:
+        if isinstance(model, GaussianPosterior):
             lw = [m.log_weight(x, torch.Generator().manual_seed(3), draws=4) for m in (model, fast)]
             torch.testing.assert_close(lw[1], lw[0], rtol=1e-5, atol=1e-4)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ae_repr.config import ALL_VARIANTS
+
 ROOT = Path(__file__).resolve().parents[2]
 _SCRIPT = Path(sys.executable).parent / "ae-repr"
 # the installed console script when it sits beside this interpreter (the venv), else the module
@@ -26,7 +28,7 @@ TINY: dict = {
     "models": {
         "latent_dim": 4,
         "backbone": "mlp",
-        "overrides": {v: {"hidden": [32]} for v in ("ae", "dae", "vae", "beta_vae", "vq_vae", "hier_vae")},
+        "overrides": {v: {"hidden": [32]} for v in ALL_VARIANTS},
     },
     "train": {"epochs": 1, "batch_size": 128, "patience": 1000},
     "eval": {  # speed knobs only; the ones EvalConfig does not (or no longer) know are dropped by write_config
