@@ -97,6 +97,13 @@ def test_run_writes_every_output(first_run):
     assert "| ae |" in report and "| vae |" in report and "Failed" not in report
     timings = read_json(out / "timings.json")["phases"]
     assert timings["training"]["busy_s"] > 0 and timings["evaluation"]["busy_s"] > 0
+    # each variant's figures are a step of the flow, drawn with tracking off too, and linked from the report
+    for v in VARIANTS:
+        for png in ("loss_curves", "reconstructions", "latent_map"):
+            assert (out / "plots" / v / f"{png}.png").read_bytes()[:4] == b"\x89PNG", (v, png)
+            assert f"](plots/{v}/{png}.png)" in report, (v, png)
+    assert (out / "plots" / "vae" / "prior_samples.png").is_file()
+    assert not (out / "plots" / "ae" / "prior_samples.png").exists()  # a plain AE has no prior
 
 
 def test_run_scores_the_applications_and_links_their_plots(first_run):
