@@ -132,6 +132,20 @@ def test_run_scores_the_applications_and_links_their_plots(first_run):
     assert "## Applications" in report
 
 
+def test_variant_figures_from_a_feature_file(first_run, tmp_path):
+    """`ae-repr evaluate` draws the same figures from a feature file alone: its model folder and data set
+    come from the file's metadata; a baseline (no model) has none."""
+    from evaluation.inputs import load_feature_file
+    from evaluation.variant_plots import feature_file_plots
+
+    out, _ = first_run
+    made = feature_file_plots(load_feature_file(out / "features" / "vae.parquet"), tmp_path / "vae")
+    assert sorted(p.name for p in made) == ["latent_map.png", "loss_curves.png", "prior_samples.png",
+                                            "reconstructions.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in made)
+    assert feature_file_plots(load_feature_file(out / "features" / "pca.parquet"), tmp_path / "pca") == []
+
+
 def test_headline_artifact(first_run):
     out, state = first_run
     found = artifacts(state.state_details.flow_run_id)
