@@ -146,6 +146,20 @@ def test_variant_figures_from_a_feature_file(first_run, tmp_path):
     assert feature_file_plots(load_feature_file(out / "features" / "pca.parquet"), tmp_path / "pca") == []
 
 
+def test_extract_features_takes_generic_metadata(first_run, tmp_path):
+    """The caller's metadata lands in the file's metadata; it cannot overwrite what describes the features."""
+    from ae_repr.features import extract_features
+
+    out, _ = first_run
+    cfg = tiny_config()
+    data = fp.data_for(cfg)
+    path = extract_features(out / "models" / "ae", data, tmp_path / "ae.parquet", metadata={"run": "r-1"})
+    meta = read_features(path).meta
+    assert meta["run"] == "r-1" and meta["variant"] == "ae" and "mlflow_run_id" not in meta
+    with pytest.raises(ValueError, match="variant"):
+        extract_features(out / "models" / "ae", data, tmp_path / "ae2.parquet", metadata={"variant": "vae"})
+
+
 def test_headline_artifact(first_run):
     out, state = first_run
     found = artifacts(state.state_details.flow_run_id)
