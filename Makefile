@@ -1,4 +1,5 @@
-# ae-repr: `make demo` runs the main job on digits; `make test` runs the tests. Both set up first.
+# ae-repr: `make demo` runs the main job on digits; `make test` runs the tests; `make lint` checks style and
+# the import layers. Each sets up first.
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -29,8 +30,10 @@ demo: install
 test: install browser
 	$(PY) -m pytest -q
 
+# ruff, then the import contracts in pyproject.toml ([tool.importlinter]): the layers hold
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 # Benchmarks (benchmarks/RESULTS.md). OpenMP threads sleep instead of spinning while they wait: on a shared
 # 2-core machine spinning threads collapsed training throughput 10-20x (measured), burying every ratio in noise.

@@ -1,4 +1,8 @@
-"""The `ae-repr` command line: run, train, extract, evaluate, compare, log-run."""
+"""The `ae-repr` command line: run, train, extract, evaluate, compare, log-run.
+
+The one module of the library allowed to import everything (the flows, Prefect, MLflow): it also prints
+what a run produced.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,12 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # imported lazily at run time: the CLI starts fast
+    from .config import ExperimentConfig
 
 PROG = "ae-repr"
 
@@ -226,11 +234,74 @@ def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
     from .io import exclusive_lock
 
     with exclusive_lock(out), api_booting() as api_ready:
-        from flows.pretrain_and_probe import data_for, run_local
+        from flows.pretrain_and_probe import data_for
 
         data_for(cfg)  # bad data fails here, in one line, before the flow starts (the flow reuses this load)
         api_ready()
         return run_local(cfg, out)
+
+
+def run_local(cfg: ExperimentConfig, out: Path) -> int:
+    """`ae-repr run`: the flow in-process, then where its outputs are; returns the exit code."""
+    import time
+
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    from flows.early_api import startup_timeout
+    from flows.pretrain_and_probe import TIMINGS, pretrain_and_probe
+
+    started = time.time()
+    (out / TIMINGS).unlink(missing_ok=True)
+    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup_timeout()}):
+        state = pretrain_and_probe(config=cfg, out=str(out), return_state=True)
+    report = out / "report.md"
+    print()
+    if report.is_file():
+        print(f"report:  {report}")
+    if (out / "summary.parquet").is_file():
+        print(f"summary: {out / 'summary.parquet'}")
+    if (line := timing_line(out / TIMINGS, started)) is not None:
+        print(line)
+    print(mlflow_hint(cfg, out))
+    if state.is_completed():
+        return 0
+    print(f"ae-repr: run finished with failures: {state.message}")
+    return 1
+
+
+def mlflow_hint(cfg: ExperimentConfig, out: Path) -> str:
+    """Where to look at the run in MLflow: the parent run's address or the command that opens the UI."""
+    if not cfg.tracking.enabled:
+        return "MLflow:  tracking disabled"
+    from flows.tracking import RECORD, display_uri, tracking_uri
+
+    from .io import read_json
+
+    url = read_json(out / RECORD).get("parent_url") if (out / RECORD).is_file() else None
+    uri = display_uri(tracking_uri())
+    lines = []
+    if uri.startswith(("http://", "https://")):
+        lines.append(f"MLflow:  {url or uri}")
+    else:
+        lines.append(f"MLflow:  {uri}; open the UI with\n"
+                     f"         mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        if url:
+            lines.append(f"         then {url}")
+    return "\n".join(lines)
+
+
+def timing_line(path: Path, started: float) -> str | None:
+    """One line: start-up (until the flow body ran) and busy seconds per phase, from the run's timings file."""
+    from .io import read_json
+
+    if not path.is_file():
+        return None
+    t = read_json(path)
+    order = ["data", "training", "extraction", "evaluation", "plots", "tracking"]
+    names = sorted(t["phases"], key=lambda k: order.index(k) if k in order else len(order))
+    phases = ", ".join(f"{k} {t['phases'][k]['busy_s']:.1f}s" for k in names)
+    return (f"time:    start-up {t['flow_started'] - started:.1f}s, flow {t['flow_s']:.1f}s; "
+            f"task time (threads run side by side): {phases}")
 
 
 def _cmd_compare(args: argparse.Namespace, created: list[Path]) -> int:
@@ -260,9 +331,9 @@ def _cmd_compare(args: argparse.Namespace, created: list[Path]) -> int:
 
 
 def _cmd_log_run(args: argparse.Namespace, created: list[Path]) -> int:
-    from flows.tracking import upload_run
+    from flows.tracking import replay
 
-    up = upload_run(args.out, experiment=args.experiment)
+    up = replay(args.out, experiment=args.experiment)
     print(f"uploaded {args.out}: parent run {up.parent_id}, {len(up.runs)} variant runs")
     if up.url:
         print(f"mlflow:  {up.url}")

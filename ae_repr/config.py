@@ -186,7 +186,7 @@ class TrackingConfig(_Frozen):
     experiment: str = Field("pretrain-and-probe", min_length=1)
     register_models: bool = True  # as `ae-repr-<variant>`; the first version gets the `champion` alias
     log_models: bool = True
-    log_plots: bool = True  # per-variant figures (loss curves, reconstructions, prior samples, latent map)
+    log_plots: bool = True  # upload the per-variant figures (the flow draws them under plots/<variant>/ either way)
     connect_timeout_s: float = Field(10.0, gt=0, le=30)  # at start: an unreachable server fails the run this fast
     retries: int = Field(5, ge=0, le=10)  # per write, mid-run; then the run goes on without tracking
     retry_backoff_s: float = Field(1.0, ge=0)  # first retry delay, doubled each time (capped at 16 s)

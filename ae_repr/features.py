@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,10 +44,14 @@ def extract_features(
     data: Dataset,
     out_path: str | os.PathLike[str],
     *,
-    mlflow_run_id: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
     batch_size: int = 4096,
 ) -> Path:
-    """Write `out_path` (features of every train and test row) from the model in `model_dir`."""
+    """Write `out_path` (features of every train and test row) from the model in `model_dir`.
+
+    `metadata` adds the caller's own keys to the file's metadata (a tracking run id, say); it cannot
+    replace the keys that describe the features themselves.
+    """
     model_dir, out_path = Path(model_dir), Path(out_path)
     loaded = load_model(model_dir)
     if tuple(loaded.model.input_shape) != data.shape:
@@ -65,6 +71,9 @@ def extract_features(
         "dataset_sha256": data.sha256,
         "config_sha256": loaded.meta.get("config_sha256", ""),
         "model_dir": os.path.relpath(model_dir.resolve(), out_path.resolve().parent),
-        "mlflow_run_id": mlflow_run_id,
     }
+    clash = sorted(set(meta) & set(metadata or {}))
+    if clash:
+        raise ValueError(f"extract_features: metadata may not replace {', '.join(clash)}")
+    meta.update(metadata or {})
     return write_features(out_path, sample_id=data.sample_id, split=data.split, label=data.labels, z=z, metadata=meta)

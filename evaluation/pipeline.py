@@ -60,6 +60,7 @@ from .reduction import reduction
 from .report import representation_order, write_report
 from .results import concat_results, read_results, result_frame, write_results
 from .training import training_record
+from .variant_plots import feature_file_plots
 from .verdict import RunFacts, bottleneck_warning, verdict
 
 logger = logging.getLogger(__name__)
@@ -294,6 +295,7 @@ def summarize(
         [eval_dir / f"{n}{PICTURES_SUFFIX}" for n in names if (eval_dir / f"{n}{PICTURES_SUFFIX}").is_file()]
     )
     plots += application_plots(pictures, results, out / "plots")
+    plots += [p for n in names for p in sorted((out / "plots" / n).glob("*.png"))]  # each variant's own figures
     warning = bottleneck_warning(facts)
     if warning:
         logger.warning("%s", warning)
@@ -397,6 +399,11 @@ def evaluate_dir(
             failures[ff.name] = f"{type(e).__name__}: {e}"
     # the model-free references only make sense beside a model to compare with
     with_model = [ff for ff in files if is_learned(ff) and (m := model_dir(ff)) is not None and m.is_dir()]
+    for ff in with_model:
+        try:
+            feature_file_plots(ff, out / "plots" / ff.name)
+        except Exception as e:  # a figure must not cost the run its results
+            logger.warning("%s: plots failed: %s: %s", ff.name, type(e).__name__, e)
     if with_model and cfg.applications:
         try:
             evaluate_application_baselines(with_model[0].path, cfg, eval_dir=eval_dir, seed=seed)

@@ -18,9 +18,10 @@ import torch
 from matplotlib.figure import Figure
 
 from ae_repr.checkpoint import LoadedModel, load_model
-from ae_repr.io import read_features, read_json
+from ae_repr.io import FeatureFile, read_features, read_json
 from ae_repr.models import Prior
 
+from .inputs import dataset_of, model_dir, split_mask
 from .plots import save_figure
 
 log = logging.getLogger(__name__)
@@ -195,3 +196,14 @@ def variant_plots(
             plot_latent_map(ff.z, labels, out_dir / "latent_map.png", title=f"{loaded.variant}: latent map")
         )
     return [p for p in made if p is not None]
+
+
+def feature_file_plots(ff: FeatureFile, out_dir: str | os.PathLike[str], *, n_rows: int = 8) -> list[Path]:
+    """`variant_plots` for a learned feature file: its model folder and raw test rows found from its metadata."""
+    mdir = model_dir(ff)
+    if mdir is None or not mdir.is_dir():
+        return []
+    ds, pos = dataset_of(ff)
+    test = pos[split_mask(ff, "test")]
+    rows = (test if len(test) else pos)[:n_rows]
+    return variant_plots(mdir, ds.x[rows], ff.path, out_dir)

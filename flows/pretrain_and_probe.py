@@ -2,8 +2,9 @@
 
 data → for each variant in parallel: train → extract → evaluate (probes, few-shot, reduction and the
 applications); baselines → evaluate; the applications' model-free references; optionally a beta sweep
-for the rate-distortion curve; then summary and report. Tasks exchange paths and small dicts only;
-MLflow tracking goes through `flows.tracking`.
+for the rate-distortion curve; each variant's figures under `plots/<variant>/`; then summary and report.
+Tasks exchange paths and small dicts only; MLflow tracking goes through `flows.tracking`, whose recorder
+the flow hands its callbacks from (the tasks never look it up).
 """
 
 from __future__ import annotations
@@ -45,14 +46,16 @@ from evaluation import (
     summarize,
     write_baselines,
 )
+from evaluation.variant_plots import variant_plots
 
-from .early_api import startup_timeout
-from .tracking import Tracker, display_uri, tracking_uri
+from .tracking import Recorder, example_rows
 
 FLOW_NAME = "pretrain-and-probe"
 TIMINGS = "timings.json"
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
+EpochLog = Callable[[dict[str, float], int], None]  # the trainer's per-epoch metrics callback
+EvalLog = Callable[[dict[str, float]], None]  # evaluation's metrics callback
 
 
 class _ThreadTimeoutNote(logging.Filter):
@@ -195,13 +198,12 @@ def prepare_data(cfg: ExperimentConfig, out: str) -> dict[str, Any]:
 
 
 @task(name="train", tags=["gpu"], persist_result=True, cache_key_fn=_train_key, task_run_name="train-{variant}")
-def train_task(variant: str, cfg: ExperimentConfig, out: str, run_id: str | None = None,
+def train_task(variant: str, cfg: ExperimentConfig, out: str, log_fn: EpochLog | None = None,
                name: str | None = None) -> str:
     """Train one variant into `models/<name or variant>`; returns its model folder."""
-    tracker = Tracker.current()
     with CLOCK.phase("training"):
         res = train_variant(variant, data_for(cfg), cfg, Path(out) / "models" / (name or variant),
-                            log_fn=CLOCK.wrap("tracking", tracker.metric_logger(run_id)), progress=False)
+                            log_fn=CLOCK.wrap("tracking", log_fn), progress=False)
     if res.skipped:
         get_run_logger().info("%s: already trained for this config, skipped", variant)
     elif res.resumed_from is not None:
@@ -211,11 +213,12 @@ def train_task(variant: str, cfg: ExperimentConfig, out: str, run_id: str | None
 
 @task(name="extract", retries=2, retry_delay_seconds=[1, 5], persist_result=True, cache_key_fn=_extract_key,
       task_run_name="extract-{variant}")
-def extract_task(variant: str, cfg: ExperimentConfig, out: str, model_dir: str, run_id: str | None = None) -> str:
-    """Write the variant's features; returns the Parquet path."""
+def extract_task(variant: str, cfg: ExperimentConfig, out: str, model_dir: str,
+                 metadata: dict[str, str] | None = None) -> str:
+    """Write the variant's features (with `metadata` in the file's metadata); returns the Parquet path."""
     with CLOCK.phase("extraction"):
         path = extract_features(model_dir, data_for(cfg), Path(out) / "features" / f"{variant}.parquet",
-                                mlflow_run_id=run_id)
+                                metadata=metadata)
     return str(path)
 
 
@@ -228,13 +231,26 @@ def baselines_task(cfg: ExperimentConfig, out: str, features: list[str]) -> list
 
 
 @task(name="evaluate", persist_result=True, cache_key_fn=_evaluate_key, task_run_name="evaluate-{name}")
-def evaluate_task(name: str, feature_path: str, cfg: ExperimentConfig, out: str, run_id: str | None = None) -> str:
+def evaluate_task(name: str, feature_path: str, cfg: ExperimentConfig, out: str,
+                  log_fn: EvalLog | None = None) -> str:
     """Every evaluation task for one representation; returns its tidy results file."""
-    tracker = Tracker.current()
     with CLOCK.phase("evaluation"):
         path = evaluate_representation(Path(feature_path), cfg.eval, eval_dir=representations_dir(Path(out)),
-                                       seed=cfg.seed, log=CLOCK.wrap("tracking", tracker.eval_logger(run_id)))
+                                       seed=cfg.seed, log=CLOCK.wrap("tracking", log_fn))
     return str(path)
+
+
+@task(name="variant-plots", task_run_name="plots-{variant}")
+def plots_task(variant: str, cfg: ExperimentConfig, out: str, model_dir: str, feature_path: str) -> list[str]:
+    """The variant's figures (loss curves, reconstructions, prior samples, latent map) under `plots/<variant>/`."""
+    with CLOCK.phase("plots"):
+        example, _ = example_rows(data_for(cfg))
+        try:
+            made = variant_plots(model_dir, example, feature_path, Path(out) / "plots" / variant)
+        except Exception as e:  # a figure must not cost the run its results
+            get_run_logger().warning("%s: plots failed: %s: %s", variant, e.__class__.__name__, e)
+            return []
+    return [str(p) for p in made]
 
 
 @task(name="application-baselines", persist_result=True, cache_key_fn=_evaluate_key,
@@ -294,17 +310,27 @@ def pretrain_and_probe(
     cfg = resolve_config(config, dataset=dataset, variants=variants, epochs=epochs, latent_dim=latent_dim)
     out_dir = Path(out or default_out(cfg)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    logger = get_run_logger()
     info = prepare_data(cfg, str(out_dir))
     with CLOCK.phase("tracking"):
-        tracker = Tracker.start(cfg, out_dir, info)
-        runs = {v: tracker.start_variant(v) for v in cfg.models.variants}
+        recorder = Recorder.start(cfg, out_dir, info, example_rows(data_for(cfg))[0], flow_run=_flow_run())
+    try:
+        return _run(cfg, out_dir, recorder)
+    finally:
+        recorder.abandon()  # a no-op after `finish`; ends the runs as FAILED when the flow body raised
+
+
+def _run(cfg: ExperimentConfig, out_dir: Path, recorder: Recorder) -> State:
+    """The flow's body, with its recorder open."""
+    logger = get_run_logger()
+    with CLOCK.phase("tracking"):
+        runs = {v: recorder.start_variant(v) for v in cfg.models.variants}
 
     # a deleted or never-written output is recomputed (and re-cached), never served stale from the cache
-    trained = {v: _train(v, cfg, out_dir, runs[v]) for v in cfg.models.variants}
+    trained = {v: _train(v, cfg, out_dir, recorder.metric_logger(v)) for v in cfg.models.variants}
     sweep = {b: _train("beta_vae", cfg.with_beta(b), out_dir, None, f"beta_sweep/beta_{b:g}") for b in beta_sweep(cfg)}
     extracted = {v: extract_task.with_options(refresh_cache=not (out_dir / "features" / f"{v}.parquet").is_file())
-                 .submit(v, cfg, str(out_dir), trained[v], runs[v]) for v in cfg.models.variants}
+                 .submit(v, cfg, str(out_dir), trained[v], {"mlflow_run_id": runs[v]} if runs[v] else None)
+                 for v in cfg.models.variants}
     evaluated: dict[str, PrefectFuture] = {}
     failures: dict[str, str] = {}
     for v, fut in extracted.items():
@@ -313,7 +339,7 @@ def pretrain_and_probe(
             cached = [what for what, f in (("trained model", trained[v]), ("features", fut)) if f.state.name == "Cached"]
             if cached:
                 logger.info("%s: %s served from the cache (same config, data and version)", v, " and ".join(cached))
-            evaluated[v] = _evaluate(v, fut.result(), cfg, out_dir, runs[v])
+            evaluated[v] = _evaluate(v, fut.result(), cfg, out_dir, recorder.eval_logger(v))
         else:
             failures[v] = _reason(trained[v]) or _reason(fut) or fut.state.name
             logger.error("%s failed: %s", v, failures[v])
@@ -334,14 +360,17 @@ def pretrain_and_probe(
         if not fut.state.is_completed():
             failures[name] = _reason(fut) or "evaluation failed"
             logger.error("evaluation of %s failed: %s", name, failures[name])
+    # drawn after training and evaluation: beside them, their Python work held the GIL against training
+    plots = [plots_task.submit(v, cfg, str(out_dir), trained[v].result(), extracted[v].result())
+             for v in cfg.models.variants if v in evaluated and v not in failures]
+    for fut in plots:
+        fut.wait()
     summary = summarize_task(cfg, str(out_dir), [n for n in evaluated if n not in failures], failures)
     with CLOCK.phase("tracking"):
-        if not learned:
-            tracker.finish(failures)
-        else:
-            tracker.log_results(out_dir, runs, failures)
-            tracker.finish(failures)
-    _artifacts(out_dir, tracker, failures)
+        if learned:
+            recorder.log_results(failures)
+        recorder.finish(failures)
+    _artifacts(out_dir, recorder, failures)
     timings = CLOCK.summary()
     write_json(out_dir / TIMINGS, timings)
     logger.info("summary: %s; report: %s; time per phase: %s", summary, out_dir / "report.md",
@@ -353,12 +382,12 @@ def pretrain_and_probe(
     return Completed(message=str(summary), data=str(summary))
 
 
-def _train(variant: str, cfg: ExperimentConfig, out_dir: Path, run_id: str | None,
+def _train(variant: str, cfg: ExperimentConfig, out_dir: Path, log_fn: EpochLog | None,
            name: str | None = None) -> PrefectFuture:
     """Submit one training task (retrained when its model file is missing, never served stale from the cache)."""
     missing = not (out_dir / "models" / (name or variant) / WEIGHTS).is_file()
     return train_task.with_options(timeout_seconds=cfg.train.timeout_s, refresh_cache=missing).submit(
-        variant, cfg, str(out_dir), run_id, name)
+        variant, cfg, str(out_dir), log_fn, name)
 
 
 def beta_sweep(cfg: ExperimentConfig) -> tuple[float, ...]:
@@ -366,10 +395,11 @@ def beta_sweep(cfg: ExperimentConfig) -> tuple[float, ...]:
     return cfg.eval.rd_betas if "rate_distortion" in cfg.eval.applications else ()
 
 
-def _evaluate(name: str, feature_path: str, cfg: ExperimentConfig, out_dir: Path, run_id: str | None) -> PrefectFuture:
+def _evaluate(name: str, feature_path: str, cfg: ExperimentConfig, out_dir: Path,
+              log_fn: EvalLog | None) -> PrefectFuture:
     """Submit one representation's evaluation (recomputed when its results file is missing)."""
     missing = not (representations_dir(out_dir) / f"{name}.parquet").is_file()
-    return evaluate_task.with_options(refresh_cache=missing).submit(name, feature_path, cfg, str(out_dir), run_id)
+    return evaluate_task.with_options(refresh_cache=missing).submit(name, feature_path, cfg, str(out_dir), log_fn)
 
 
 def _reason(fut: PrefectFuture) -> str | None:
@@ -395,63 +425,19 @@ def headline_markdown(report: Path, failures: dict[str, str]) -> str:
     return md
 
 
-def _artifacts(out_dir: Path, tracker: Tracker, failures: dict[str, str]) -> None:
+def _flow_run() -> dict[str, str | None]:
+    """The current Prefect flow run's id, name and deployment (None outside a flow run)."""
+    try:
+        from prefect.runtime import deployment, flow_run
+
+        return {"id": flow_run.id, "name": flow_run.name, "deployment": deployment.name}
+    except Exception:  # tracking must not depend on Prefect's runtime being there
+        return {"id": None, "name": None, "deployment": None}
+
+
+def _artifacts(out_dir: Path, recorder: Recorder, failures: dict[str, str]) -> None:
     """Prefect artifacts: the report's headline table and a link to the MLflow parent run."""
     create_markdown_artifact(markdown=headline_markdown(out_dir / "report.md", failures), key="headline-results",
                              description=f"pretrain-and-probe results in {out_dir}")
-    if tracker.parent_url:
-        create_link_artifact(link=tracker.parent_url, link_text="MLflow parent run", key="mlflow-run")
-
-
-def mlflow_hint(cfg: ExperimentConfig) -> str:
-    """Where to look at the run in MLflow: the parent run's address or the command that opens the UI."""
-    if not cfg.tracking.enabled:
-        return "MLflow:  tracking disabled"
-    tracker = getattr(Tracker, "_current", None)
-    url = getattr(tracker, "parent_url", None)
-    uri = display_uri(tracking_uri())
-    lines = []
-    if uri.startswith(("http://", "https://")):
-        lines.append(f"MLflow:  {url or uri}")
-    else:
-        lines.append(f"MLflow:  {uri}; open the UI with\n"
-                     f"         mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-        if url:
-            lines.append(f"         then {url}")
-    return "\n".join(lines)
-
-
-def timing_line(out: Path, started: float) -> str | None:
-    """One line: start-up (until the flow body ran) and busy seconds per phase, from `<out>/timings.json`."""
-    path = out / TIMINGS
-    if not path.is_file():
-        return None
-    t = read_json(path)
-    order = ["data", "training", "extraction", "evaluation", "tracking"]
-    names = sorted(t["phases"], key=lambda k: order.index(k) if k in order else len(order))
-    phases = ", ".join(f"{k} {t['phases'][k]['busy_s']:.1f}s" for k in names)
-    return (f"time:    start-up {t['flow_started'] - started:.1f}s, flow {t['flow_s']:.1f}s; "
-            f"task time (threads run side by side): {phases}")
-
-
-def run_local(cfg: ExperimentConfig, out: Path) -> int:
-    """`ae-repr run`: the flow in-process; returns the exit code."""
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
-    started = time.time()
-    (out / TIMINGS).unlink(missing_ok=True)
-    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup_timeout()}):
-        state = pretrain_and_probe(config=cfg, out=str(out), return_state=True)
-    report = out / "report.md"
-    print()
-    if report.is_file():
-        print(f"report:  {report}")
-    if (out / "summary.parquet").is_file():
-        print(f"summary: {out / 'summary.parquet'}")
-    if (line := timing_line(out, started)) is not None:
-        print(line)
-    print(mlflow_hint(cfg))
-    if state.is_completed():
-        return 0
-    print(f"ae-repr: run finished with failures: {state.message}")
-    return 1
+    if recorder.parent_url:
+        create_link_artifact(link=recorder.parent_url, link_text="MLflow parent run", key="mlflow-run")

@@ -97,6 +97,13 @@ def test_run_writes_every_output(first_run):
     assert "| ae |" in report and "| vae |" in report and "Failed" not in report
     timings = read_json(out / "timings.json")["phases"]
     assert timings["training"]["busy_s"] > 0 and timings["evaluation"]["busy_s"] > 0
+    # each variant's figures are a step of the flow, drawn with tracking off too, and linked from the report
+    for v in VARIANTS:
+        for png in ("loss_curves", "reconstructions", "latent_map"):
+            assert (out / "plots" / v / f"{png}.png").read_bytes()[:4] == b"\x89PNG", (v, png)
+            assert f"](plots/{v}/{png}.png)" in report, (v, png)
+    assert (out / "plots" / "vae" / "prior_samples.png").is_file()
+    assert not (out / "plots" / "ae" / "prior_samples.png").exists()  # a plain AE has no prior
 
 
 def test_run_scores_the_applications_and_links_their_plots(first_run):
@@ -123,6 +130,34 @@ def test_run_scores_the_applications_and_links_their_plots(first_run):
     for rel in linked:
         assert (out / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel
     assert "## Applications" in report
+
+
+def test_variant_figures_from_a_feature_file(first_run, tmp_path):
+    """`ae-repr evaluate` draws the same figures from a feature file alone: its model folder and data set
+    come from the file's metadata; a baseline (no model) has none."""
+    from evaluation.inputs import load_feature_file
+    from evaluation.variant_plots import feature_file_plots
+
+    out, _ = first_run
+    made = feature_file_plots(load_feature_file(out / "features" / "vae.parquet"), tmp_path / "vae")
+    assert sorted(p.name for p in made) == ["latent_map.png", "loss_curves.png", "prior_samples.png",
+                                            "reconstructions.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in made)
+    assert feature_file_plots(load_feature_file(out / "features" / "pca.parquet"), tmp_path / "pca") == []
+
+
+def test_extract_features_takes_generic_metadata(first_run, tmp_path):
+    """The caller's metadata lands in the file's metadata; it cannot overwrite what describes the features."""
+    from ae_repr.features import extract_features
+
+    out, _ = first_run
+    cfg = tiny_config()
+    data = fp.data_for(cfg)
+    path = extract_features(out / "models" / "ae", data, tmp_path / "ae.parquet", metadata={"run": "r-1"})
+    meta = read_features(path).meta
+    assert meta["run"] == "r-1" and meta["variant"] == "ae" and "mlflow_run_id" not in meta
+    with pytest.raises(ValueError, match="variant"):
+        extract_features(out / "models" / "ae", data, tmp_path / "ae2.parquet", metadata={"variant": "vae"})
 
 
 def test_headline_artifact(first_run):

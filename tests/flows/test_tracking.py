@@ -117,6 +117,8 @@ def test_parent_run(tracked):
         assert parent.data.metrics[f"{v}/linear_probe_accuracy"] == pytest.approx(probe.loc[v, "value"])
     assert parent.data.metrics["best_linear_probe_accuracy"] == max(probe.loc[list(VARIANTS), "value"])
     assert parent.data.params["train.epochs"] == str(EPOCHS)
+    where = read_json(out / "tracking.json")  # what `ae-repr run` prints the parent run's address from
+    assert where["parent_run_id"] == parent.info.run_id and where["experiment"] == exp.name
 
 
 def test_variant_runs(tracked):
@@ -220,8 +222,7 @@ def test_log_run_uploads_what_a_live_run_records(tracked, monkeypatch, capsys):
 
 def test_store_down_mid_run_then_log_run(tracked, tmp_path, monkeypatch):
     """Writes fail for good after the start: the run completes on disk, says what was not logged, uploads later."""
-    from flows import tracking
-    from flows.tracking import PENDING, Tracker
+    from flows.tracking import PENDING, Recorder
 
     uri, src = tracked
     out = tmp_path / "out"
@@ -231,8 +232,7 @@ def test_store_down_mid_run_then_log_run(tracked, tmp_path, monkeypatch):
                                                                                     "retry_backoff_s": 0.01})})
     info = {"dataset": "digits", "sha256": read_features(out / "features" / "ae.parquet").meta["dataset_sha256"],
             "rows": 1797, "shape": [1, 8, 8]}
-    monkeypatch.setattr(tracking, "_data_rows", lambda cfg, live: (np.zeros((4, 1, 8, 8), np.float32), info))
-    tracker = Tracker.start(cfg, out, info)
+    tracker = Recorder.start(cfg, out, info, np.zeros((4, 1, 8, 8), np.float32))
     runs = {v: tracker.start_variant(v) for v in VARIANTS}
     assert all(runs.values())
     calls = {"n": 0}
@@ -246,9 +246,9 @@ def test_store_down_mid_run_then_log_run(tracked, tmp_path, monkeypatch):
     monkeypatch.setattr(session.client, "log_batch", down)
     monkeypatch.setattr(session.client, "log_artifact", down)
     monkeypatch.setattr(session.client, "set_terminated", down)
-    tracker.metric_logger(runs["ae"])({"train/loss": 1.0}, 1)
+    tracker.metric_logger("ae")({"train/loss": 1.0}, 1)
     start = time.monotonic()
-    tracker.log_results(out, runs, {})
+    tracker.log_results({})
     tracker.finish({})
     assert time.monotonic() - start < 30
     assert calls["n"] == 3, "after its retries the writer must stop trying"
@@ -285,7 +285,7 @@ def test_compare_reads_runs_back(tracked, tmp_path, monkeypatch, capsys):
 
 
 def test_writer_retries_then_goes_offline():
-    from flows.tracking_writer import Writer
+    from flows.tracking.writer import Writer
 
     w = Writer(retries=2, backoff_s=0.01)
     attempts = []

@@ -137,7 +137,7 @@ def test_flat_config_never_holds_environment_values(tmp_path: Path, monkeypatch:
 
 def test_variant_params_and_tags_redact_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The MLflow params/tags built from a config whose values happen to contain a secret are redacted."""
-    from flows import tracking_record as rec
+    from flows.tracking import record as rec
 
     monkeypatch.setenv("AE_REPR_TEST_API_TOKEN", SECRET)
     cfg = load_config(write_config(tmp_path / "c.yaml", {"data": {"dataset": f"/data/{SECRET}/x.csv"}}))

@@ -34,7 +34,7 @@ _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNO
 
 def project_root() -> Path:
     """The folder holding pyproject.toml above flows/, else the current directory."""
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]  # flows/tracking/record.py -> the checkout
     return here if (here / "pyproject.toml").is_file() else Path.cwd().resolve()
 
 
@@ -200,3 +200,8 @@ def variants_view() -> dict[str, Any]:
         "orderByAsc": False,
         "selectedColumns": ["tags.`variant`", "tags.`dataset`", *(f"metrics.`{m}`" for m in HEADLINE_METRICS)],
     }
+
+
+def variant_plots(out_dir: Path, variant: str) -> list[Path]:
+    """The per-variant figures the flow drew under `plots/<variant>/`."""
+    return sorted((out_dir / "plots" / variant).glob("*.png"))
