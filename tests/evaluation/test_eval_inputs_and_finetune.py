@@ -25,6 +25,16 @@ from evaluation.results import read_results
 QUICK = EvalConfig(fewshot_k=(1, 5), fewshot_seeds=3, map_method="none", trustworthiness_max_rows=100)
 
 
+@pytest.fixture(autouse=True)
+def _no_shared_scratch_results():
+    """Each test computes its scratch arms itself: results stored by an earlier test would skip the spies."""
+    import evaluation.finetune as finetune
+
+    finetune._SCRATCH_RESULTS.clear()
+    yield
+    finetune._SCRATCH_RESULTS.clear()
+
+
 def _z(synth, width=K, seed=0):
     return np.random.default_rng(seed).normal(size=(len(synth.y), width))
 
@@ -182,7 +192,7 @@ def test_end_to_end_arms_see_only_the_k_shots_labels_for_a_fixed_schedule(ae_fil
     real_ce = torch.nn.functional.cross_entropy
 
     def counting_ce(logits, target, *args, **kwargs):
-        batch_sizes.append(len(target))
+        batch_sizes.append(len(target))  # one run's batch: the episodes of a k train as one vectorized ensemble
         return real_ce(logits, target, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", counting_ce)
@@ -196,8 +206,8 @@ def test_end_to_end_arms_see_only_the_k_shots_labels_for_a_fixed_schedule(ae_fil
     for rows in spy.read:  # each read is the test split or one episode's shots, never anything else
         assert any(np.array_equal(np.sort(rows), np.sort(a)) for a in allowed), f"read rows outside the shots: {rows}"
     n_classes = len(np.unique(ae_file.frame["label"]))
-    # a fixed schedule: finetune_epochs full-batch steps on the k*C shots for each of the 3 episodes, at every k
-    assert batch_sizes == [n_classes] * 12 * 3 + [5 * n_classes] * 12 * 3
+    # a fixed schedule: finetune_epochs full-batch steps on the k*C shots (the 3 episodes together), at every k
+    assert batch_sizes == [n_classes] * 12 + [5 * n_classes] * 12
 
 
 def test_vq_vae_scratch_arm_starts_from_a_codebook_drawn_from_the_shots(tmp_path, synth, monkeypatch):
@@ -223,11 +233,12 @@ def test_vq_vae_scratch_arm_starts_from_a_codebook_drawn_from_the_shots(tmp_path
     seen = []
     real = finetune._train_and_score
 
-    def spy(model, shots, *args, **kwargs):
-        with torch.no_grad():
-            outputs = model.encoder(shots[0]).reshape(-1, 2)  # the shots' encoder outputs, one row per code slot
-        seen.append((model.codebook.detach().clone(), outputs))
-        return real(model, shots, *args, **kwargs)
+    def spy(models, shots, *args, **kwargs):
+        for model, (x, _) in zip(models, shots, strict=True):
+            with torch.no_grad():
+                outputs = model.encoder(x).reshape(-1, 2)  # the shots' encoder outputs, one row per code slot
+            seen.append((model.codebook.detach().clone(), outputs))
+        return real(models, shots, *args, **kwargs)
 
     monkeypatch.setattr(finetune, "_train_and_score", spy)
     cfg = QUICK.model_copy(update={"fewshot_k": (1,), "finetune_epochs": 1})
