@@ -45,7 +45,7 @@ from torch import nn
 from ae_repr.checkpoint import LoadedModel, load_model
 from ae_repr.config import EvalConfig
 from ae_repr.io import FeatureFile
-from ae_repr.models import REGISTRY, Autoencoder, build_model, module_init
+from ae_repr.models import Autoencoder, build_model, module_init
 
 from .fewshot import fewshot_episodes, fewshot_row, usable_k
 from .inputs import labels, model_dir, raw_inputs, split_mask
@@ -155,11 +155,9 @@ class _SharedResults:
 
 
 _SCRATCH_RESULTS = _SharedResults()
-# model config fields the scratch arm provably does not depend on: the trainer applies the input
-# corruption (no model reads it), and the built-in VAEs read beta only as the KL weight in `loss`,
-# whose value the scratch arm's one state-setting pass discards (so ae/dae and vae/beta_vae share it)
-_NOT_IN_SCRATCH = {"corruption"}
-_NOT_IN_SCRATCH_OF: dict[type, set[str]] = {REGISTRY[v][0]: {"beta"} for v in ("vae", "hier_vae")}
+# model config fields the scratch arm does not depend on: those a model declares as changing its training
+# objective only (`LOSS_ONLY_FIELDS`: the input corruption, a VAE's beta), whose effect the scratch arm's one
+# state-setting pass discards; so ae/dae and vae/beta_vae share one scratch result
 
 
 def _digest(*arrays: torch.Tensor | np.ndarray) -> bytes:
@@ -183,7 +181,7 @@ def _scratch_key(
     """Everything the scratch arm's accuracies at one k depend on: the variant class and its config (less the
     fields it cannot depend on), input shape, likelihood, the shots and test rows as normalized, the seeds
     and the evaluation config; not the variant's name nor its pretrained weights."""
-    ignored = _NOT_IN_SCRATCH | _NOT_IN_SCRATCH_OF.get(type(model), set())
+    ignored = set(getattr(type(model), "LOSS_ONLY_FIELDS", ()))
     spec = (
         type(model).__module__,
         type(model).__qualname__,

@@ -57,6 +57,9 @@ class Autoencoder(nn.Module, ABC):
     """
 
     Config: ClassVar[type[ModelConfig]] = ModelConfig
+    # config fields that change only the training objective, never the network or what a forward pass computes
+    # (the trainer applies the corruption): two configs differing only here build identical models
+    LOSS_ONLY_FIELDS: ClassVar[frozenset[str]] = frozenset({"corruption"})
 
     def __init__(
         self, cfg: ModelConfig, input_shape: tuple[int, ...], likelihood: str | Likelihood = "gaussian"

@@ -96,6 +96,7 @@ class HierVAE(GaussianLatentScores, Autoencoder):
     GaussianPosterior, Prior, AnomalyScorer."""
 
     Config = HierVAEConfig
+    LOSS_ONLY_FIELDS = Autoencoder.LOSS_ONLY_FIELDS | {"beta"}  # beta weighs the KL in `loss` and nothing else
 
     def __init__(
         self, cfg: HierVAEConfig, input_shape: tuple[int, ...], likelihood: str | Likelihood = "gaussian"

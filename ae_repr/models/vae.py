@@ -35,6 +35,7 @@ class VAE(GaussianLatentScores, Autoencoder):
     """Gaussian-latent VAE; `encode` is the posterior mean. Capabilities: GaussianPosterior, Prior, AnomalyScorer."""
 
     Config = VAEConfig
+    LOSS_ONLY_FIELDS = Autoencoder.LOSS_ONLY_FIELDS | {"beta"}  # beta weighs the KL in `loss` and nothing else
 
     def __init__(self, cfg: VAEConfig, input_shape: tuple[int, ...], likelihood: str | Likelihood = "gaussian") -> None:
         super().__init__(cfg, input_shape, likelihood)

@@ -90,7 +90,7 @@ def test_ensemble_trains_each_run_as_if_alone(variant, arm):
     assert (want[0] - want[1]).abs().max() > 1e-2
 
 
-class _ScalarGatedAE(REGISTRY["ae"][0]):
+class _ScalarGatedAE(REGISTRY["ae"].load()):
     """An AE whose encoder reads a data-dependent Python number, which vmap cannot trace."""
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
