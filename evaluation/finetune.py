@@ -21,14 +21,29 @@ the k shots per class (`protocol` says it in one sentence):
    labelled rows and no early stopping (the k-shot protocol has no labels to stop on); the final
    state is scored on the test split under `torch.inference_mode`.
 
+The runs of one k (its `fewshot_seeds` episodes, k*C shots each) train together as one vectorized
+ensemble: parameters stacked with `torch.func.stack_module_state`, one `torch.func.vmap`-ed forward
+and backward over `functional_call`, one fused Adam over the stacked tensors (elementwise, so each
+run steps as with its own optimizer) and the sum of the runs' own mean cross-entropies as the loss
+(so each run's gradient is its own). Each run keeps its own seeded shuffle; the runs never mix, and
+their numbers equal one-at-a-time training up to float32 rounding (the kernels sum in another order;
+a vq_vae code assignment at a near tie can flip with it).
+All registered variants vectorize; an encoder torch.func cannot trace (a data-dependent Python
+number, say) trains its runs one at a time instead, with a warning.
+
 Run seeds derive from (seed, episode, k), so variants sharing an architecture and config (ae/dae,
-vae/beta_vae) get identical scratch numbers: that arm never sees the pretrained weights. Torch's
-thread settings are left to the caller.
+vae/beta_vae) get identical scratch numbers: that arm never sees the pretrained weights. They are
+computed once per process and shared, keyed by everything the arm reads (variant class, model
+config less `corruption`, which only the trainer applies, and the built-in VAEs' `beta`, which only
+weights a loss value the arm discards; input shape, likelihood, the normalized shots and test rows,
+seeds and EvalConfig); a thread asking for a key being computed waits for it. Torch's thread
+settings are left to the caller.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import threading
@@ -101,16 +116,11 @@ def _end_to_end(ff: FeatureFile, cfg: EvalConfig, *, arm: Arm, seed: int) -> pd.
         episodes = fewshot_episodes(ff, k, cfg.fewshot_seeds, seed=seed)
         run_seeds = [int(np.random.SeedSequence([seed, s, k]).generate_state(1)[0]) for s in range(len(episodes))]
         shots = [(inputs(e), y[e]) for e in episodes]
-
-        def run(shots: list[tuple[torch.Tensor, np.ndarray]] = shots, run_seeds: list[int] = run_seeds) -> list[float]:
-            models = [_initial_model(loaded, arm, s, x) for s, (x, _) in zip(run_seeds, shots, strict=True)]
-            return _train_and_score(models, shots, (x_test, y_test), len(classes), cfg, run_seeds)
-
-        if arm == "scratch":
-            key = _scratch_key(loaded.model, shots, test_digest, len(classes), cfg, run_seeds)
-            accs = _SCRATCH_RESULTS.get(key, run)
-        else:
+        run = functools.partial(_runs, loaded, arm, shots, (x_test, y_test), len(classes), cfg, run_seeds)
+        if arm == "finetune":
             accs = run()
+        else:  # twin variants' scratch arms (ae/dae, vae/beta_vae) are one computation
+            accs = _SCRATCH_RESULTS.get(_scratch_key(loaded.model, shots, test_digest, len(classes), cfg, run_seeds), run)
         rows.append(fewshot_row(ff.name, f"fewshot_{arm}", k, accs))
         log.info("%s: fewshot_%s k=%d accuracy %.4f", ff.name, arm, k, rows[-1]["value"])
     return result_frame(rows)
@@ -125,6 +135,7 @@ class _SharedResults:
         self._results: dict[str, Future[list[float]]] = {}
 
     def get(self, key: str, compute: Callable[[], list[float]]) -> list[float]:
+        """The result for `key`: stored, awaited from the thread computing it, or computed here by `compute`."""
         while True:
             with self._lock:
                 future = self._results.get(key)
@@ -196,6 +207,20 @@ def _scratch_key(
     h.update(test_digest)
     h.update(_digest(*(a for x, y in shots for a in (x, y))))
     return h.hexdigest()
+
+
+def _runs(
+    loaded: LoadedModel,
+    arm: Arm,
+    shots: list[tuple[torch.Tensor, np.ndarray]],
+    test: tuple[torch.Tensor, torch.Tensor],
+    n_classes: int,
+    cfg: EvalConfig,
+    seeds: list[int],
+) -> list[float]:
+    """Test accuracies of one k's runs (one per episode: its shots and seed), from their initial models."""
+    models = [_initial_model(loaded, arm, s, x) for s, (x, _) in zip(seeds, shots, strict=True)]
+    return _train_and_score(models, shots, test, n_classes, cfg, seeds)
 
 
 def _class_index(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
