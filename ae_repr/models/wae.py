@@ -15,11 +15,10 @@ import torch
 from pydantic import Field
 
 from ..likelihoods import Likelihood
-from .backbones import make_decoder, make_encoder
-from .base import Autoencoder, ModelConfig
+from .ae import AE, AEConfig
 
 
-class WAEConfig(ModelConfig):
+class WAEConfig(AEConfig):
     """WAE fields: the MMD weight (the paper's lambda), the prior's std and the kernel scales."""
 
     mmd_weight: float = Field(10.0, ge=0)
@@ -40,25 +39,15 @@ def imq_mmd(a: torch.Tensor, b: torch.Tensor, scales: tuple[float, ...] | list[f
     return same_a + same_b - 2 * k_ab.mean()
 
 
-class WAE(Autoencoder):
+class WAE(AE):
     """WAE-MMD; `encode` is the code. Capabilities: Prior (no GaussianPosterior: it has no per-example posterior)."""
 
     Config = WAEConfig
     latent_geometry = "spherical"  # a Gaussian prior: interpolate along its shells
 
     def __init__(self, cfg: WAEConfig, input_shape: tuple[int, ...], likelihood: str | Likelihood = "gaussian") -> None:
-        super().__init__(cfg, input_shape, likelihood)
+        super().__init__(cfg, input_shape, likelihood)  # the AE's encoder, decoder, encode and decode
         assert isinstance(cfg, WAEConfig), f"WAE needs a WAEConfig, got {type(cfg).__name__}"
-        self.encoder = make_encoder(self.input_shape, cfg.latent_dim, cfg)
-        self.decoder = make_decoder(cfg.latent_dim, self.input_shape, cfg, self.likelihood.params)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The code, (B, latent_dim)."""
-        return self.encoder(x)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """The likelihood mean, (B, *input_shape)."""
-        return self.likelihood.mean(self.decoder(z))
 
     def prior_draws(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """`n` draws from N(0, prior_std^2 I), (n, latent_dim)."""
