@@ -61,7 +61,6 @@ class Progress:
         self.clock = clock
         self.started = clock()
         self.done = 0
-        self.failed: list[str] = []
         self._remaining = Counter(self.planned)
         self._running: dict[str, Running] = {}
         self._lock = threading.Lock()
@@ -97,10 +96,7 @@ class Progress:
             run = self._running.pop(key, None)
             self.done += 1
             self._tick_off(name)
-            verb = VERBS.get(state)
-            if verb is None:
-                self.failed.append(name)
-                verb = "FAILED" if state == "Failed" else f"FAILED ({state})"
+            verb = VERBS.get(state) or ("FAILED" if state == "Failed" else f"FAILED ({state})")
             took = f" ({duration(self.clock() - run.since)})" if run is not None else ""
             return f"{verb} {name}{took}"
 

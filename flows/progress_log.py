@@ -109,9 +109,8 @@ class _Named(logging.Formatter):
         name = task or (f"flow run {flow!r}" if flow else None)
         if name is None or not (finished_state(record) or (task and message.startswith("Task run "))):
             return self.inner.format(record)
-        if self.keep_all:
-            return self.inner.format(record).replace("Finished in state ", f"{name}: ", 1)
-        return f"{name}: {message.removeprefix('Finished in state ')}"
+        named = f"{name}: {message.removeprefix('Finished in state ')}"
+        return self.inner.format(record).replace(message, named, 1) if self.keep_all else named
 
 
 @contextmanager

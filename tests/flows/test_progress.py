@@ -47,7 +47,7 @@ def test_counts_finished_runs_of_the_planned_total_cached_and_failed_included(cl
     clock.now += 75
     assert p.finish("k3", "train-vae", "Failed") == "FAILED train-vae (1m15s)"
     assert p.finish("k4", "evaluate-ae", "Crashed") == "FAILED (Crashed) evaluate-ae"
-    assert p.counter() == "[5/7]" and p.failed == ["train-vae", "evaluate-ae"]
+    assert p.counter() == "[5/7]"
 
 
 def test_a_run_whose_input_failed_takes_its_planned_place_and_close_counts_the_rest(clock: Clock) -> None:
@@ -234,6 +234,7 @@ def test_debug_keeps_every_line_and_traceback(console: io.StringIO) -> None:
                      exc=_raised())
     shown = console.getvalue()
     assert "a: Completed()" in shown and "Traceback" in shown and "ValueError: bad weights" in shown
+    assert "b: Task run failed with exception: ValueError('bad weights')" in shown
     assert out.getvalue().startswith("[1/2] done a")
 
 
