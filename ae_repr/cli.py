@@ -15,7 +15,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from .errors import UserError
 
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", metavar="a,b,..", help=f"comma-separated subset of: {','.join(names)}")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<dataset>)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress display and no informational lines; warnings, errors and the outputs remain")
     _common(p)
     p.set_defaults(func=_cmd_run)
 
@@ -238,21 +240,27 @@ def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
 
         data_for(cfg)  # bad data fails here, in one line, before the flow starts (the flow reuses this load)
         api_ready()
-        return run_local(cfg, out)
+        return run_local(cfg, out, progress="off" if args.quiet else "live" if sys.stdout.isatty() else "plain",
+                         debug=args.debug)
 
 
-def run_local(cfg: ExperimentConfig, out: Path) -> int:
-    """`ae-repr run`: the flow in-process, then where its outputs are; returns the exit code."""
+def run_local(cfg: ExperimentConfig, out: Path, progress: Literal["live", "plain", "off"] = "plain",
+              debug: bool = False) -> int:
+    """`ae-repr run`: the flow in-process with its progress (`live`, `plain` or `off`), then where its outputs are;
+    returns the exit code."""
     import time
 
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
     from flows.early_api import startup_timeout
-    from flows.pretrain_and_probe import TIMINGS, pretrain_and_probe
+    from flows.pretrain_and_probe import TIMINGS, planned_tasks, pretrain_and_probe
+    from flows.progress_log import showing_progress
 
     started = time.time()
     (out / TIMINGS).unlink(missing_ok=True)
-    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup_timeout()}):
+    with (temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup_timeout()}),
+          showing_progress(planned_tasks(cfg), epochs=cfg.train.epochs, max_steps=cfg.train.max_steps,
+                           mode=progress, keep_all=debug)):
         state = pretrain_and_probe(config=cfg, out=str(out), return_state=True)
     report = out / "report.md"
     print()
@@ -347,8 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)
     # progress (INFO) to stdout, problems (WARNING and up) to stderr: a failure's stderr is its error line
+    quiet = getattr(args, "quiet", False)
     info = logging.StreamHandler(sys.stdout)
     info.addFilter(lambda record: record.levelno < logging.WARNING)
+    # DEBUG records (progress events among them) are shown with --debug only; --quiet keeps problems only
+    info.setLevel(logging.DEBUG if args.debug else logging.WARNING if quiet else logging.INFO)
     problems = logging.StreamHandler(sys.stderr)
     problems.setLevel(logging.WARNING)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s",

@@ -98,9 +98,11 @@ def _runner(name: str, frames: list[pd.DataFrame], log: LogFn | None) -> RunFn:
 
     def run(task: str, fn: Callable[[], pd.DataFrame]) -> None:
         start = time.perf_counter()
+        logger.debug("%s: %s started", name, task, extra={"eval_task": task})  # `eval_task`: for progress displays
         frame = fn()
         frames.append(frame)
-        logger.info("%s: %s done in %.2fs (%d rows)", name, task, time.perf_counter() - start, len(frame))
+        logger.info("%s: %s done in %.2fs (%d rows)", name, task, time.perf_counter() - start, len(frame),
+                    extra={"eval_task": task})
         if log is not None and len(frame):
             log(metric_dict(frame))
 

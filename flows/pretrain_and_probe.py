@@ -48,6 +48,7 @@ from evaluation import (
 )
 from evaluation.variant_plots import variant_plots
 
+from .progress_log import epoch_reporter, task_started
 from .tracking import Recorder, example_rows
 
 FLOW_NAME = "pretrain-and-probe"
@@ -106,6 +107,8 @@ class _Clock:
     def phase(self, name: str) -> Iterator[None]:
         """Attribute the time spent inside to `name`."""
         stack = self._local.__dict__.setdefault("stack", [])
+        if not stack and (ctx := TaskRunContext.get()) is not None:  # a task run's body begins: say so
+            task_started(str(ctx.task_run.id), ctx.task_run.name, name)
         stack.append(0.0)  # time spent in nested phases
         t0, w0 = time.perf_counter(), time.time()
         try:
@@ -187,7 +190,7 @@ def _evaluate_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
                  "eval": cfg.eval.model_dump(mode="json"), "seed": cfg.seed, "version": ae_repr.__version__})
 
 
-@task(name="prepare-data", retries=2, retry_delay_seconds=[1, 5])
+@task(name="prepare-data", task_run_name="prepare-data", retries=2, retry_delay_seconds=[1, 5])
 def prepare_data(cfg: ExperimentConfig, out: str) -> dict[str, Any]:
     """Load and validate the data, record the config; returns the data's identity."""
     with CLOCK.phase("data"):
@@ -203,7 +206,7 @@ def train_task(variant: str, cfg: ExperimentConfig, out: str, log_fn: EpochLog |
     """Train one variant into `models/<name or variant>`; returns its model folder."""
     with CLOCK.phase("training"):
         res = train_variant(variant, data_for(cfg), cfg, Path(out) / "models" / (name or variant),
-                            log_fn=CLOCK.wrap("tracking", log_fn), progress=False)
+                            log_fn=epoch_reporter(name or variant, CLOCK.wrap("tracking", log_fn)), progress=False)
     if res.skipped:
         get_run_logger().info("%s: already trained for this config, skipped", variant)
     elif res.resumed_from is not None:
@@ -222,7 +225,7 @@ def extract_task(variant: str, cfg: ExperimentConfig, out: str, model_dir: str,
     return str(path)
 
 
-@task(name="baselines", retries=2, retry_delay_seconds=[1, 5])
+@task(name="baselines", task_run_name="baselines", retries=2, retry_delay_seconds=[1, 5])
 def baselines_task(cfg: ExperimentConfig, out: str, features: list[str]) -> list[str]:
     """Write the baseline feature files (raw, PCA, ICA, random projection) at the width of this run's features."""
     with CLOCK.phase("evaluation"):
@@ -263,7 +266,7 @@ def application_baselines_task(name: str, feature_path: str, cfg: ExperimentConf
     return None if path is None else str(path)
 
 
-@task(name="beta-sweep")
+@task(name="beta-sweep", task_run_name="beta-sweep")
 def beta_sweep_task(cfg: ExperimentConfig, out: str, feature_path: str, model_dirs: dict[float, str]) -> str:
     """Rate and distortion of the beta sweep's models."""
     with CLOCK.phase("evaluation"):
@@ -271,7 +274,7 @@ def beta_sweep_task(cfg: ExperimentConfig, out: str, feature_path: str, model_di
                                        eval_dir=representations_dir(Path(out)), seed=cfg.seed))
 
 
-@task(name="summarize", retries=2, retry_delay_seconds=[1, 5])
+@task(name="summarize", task_run_name="summarize", retries=2, retry_delay_seconds=[1, 5])
 def summarize_task(cfg: ExperimentConfig, out: str, names: list[str], failures: dict[str, str]) -> str:
     """summary.parquet, eval/<task>.parquet, report.md and plots over this run's representations."""
     with CLOCK.phase("evaluation"):
@@ -380,6 +383,16 @@ def _run(cfg: ExperimentConfig, out_dir: Path, recorder: Recorder) -> State:
     if failures:
         return Failed(message="failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
     return Completed(message=str(summary), data=str(summary))
+
+
+def planned_tasks(cfg: ExperimentConfig) -> list[str]:
+    """The task runs a flow run over `cfg` submits when nothing fails, by name (what progress counts to)."""
+    variants, sweep = list(cfg.models.variants), beta_sweep(cfg)
+    return ["prepare-data", *(f"train-{v}" for v in variants), *("train-beta_vae" for _ in sweep),
+            *(f"extract-{v}" for v in variants), "baselines",
+            *(f"evaluate-{name}" for name in (*variants, *cfg.eval.baselines)),
+            *([f"evaluate-{BASELINES_NAME}"] if cfg.eval.applications else []), *(["beta-sweep"] if sweep else []),
+            *(f"plots-{v}" for v in variants), "summarize"]
 
 
 def _train(variant: str, cfg: ExperimentConfig, out_dir: Path, log_fn: EpochLog | None,
