@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,17 @@ def resolve_device(name: str) -> torch.device:
 
         raise ConfigError("train.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Torch's intra-op thread count is `n` inside (for this thread and threads that first use torch inside)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 OPERATIONAL = {"timeout_s", "checkpoint_every_s"}  # training settings that leave the trained model unchanged
