@@ -122,6 +122,9 @@ class EvalConfig(_Frozen):
     fewshot_finetune: bool = True
     finetune_lr: float = Field(1e-3, gt=0)
     finetune_epochs: int = Field(100, gt=0)  # the fixed schedule of the end-to-end few-shot arms, at every k
+    # each end-to-end arm trains on at most this fraction of the rows the pretraining's budget allows
+    # (min(train.max_steps * batch_size, train.epochs * train rows)); fewer epochs when finetune_epochs would not fit
+    fewshot_budget: float = Field(0.5, gt=0)
     trustworthiness_max_rows: int = Field(2000, gt=10)
     map_method: Literal["tsne", "umap", "none"] = "tsne"
     map_max_rows: int = Field(2000, gt=10)

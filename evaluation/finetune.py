@@ -49,7 +49,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -83,13 +83,43 @@ def fewshot_scratch(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.Da
     return _end_to_end(ff, cfg, arm="scratch", seed=seed)
 
 
-def protocol(cfg: EvalConfig) -> str:
+def protocol(cfg: EvalConfig, budgeted: bool = False) -> str:
     """The end-to-end arms' training protocol in one sentence (for logs and the report)."""
+    cut = (f" (fewer than the configured epochs: each arm trains on at most {cfg.fewshot_budget:g} of the rows "
+           "the pretraining's budget allows)") if budgeted else ""
     return (
-        f"few-shot fine-tune and scratch: {cfg.finetune_epochs} epochs of Adam (lr {cfg.finetune_lr:g}, batches of "
-        f"up to {cfg.finetune_batch_size} shots) on the k labelled shots per class only, no held-out labels and "
-        "no early stopping; the final state is scored."
+        f"few-shot fine-tune and scratch: {cfg.finetune_epochs} epochs{cut} of Adam (lr {cfg.finetune_lr:g}, "
+        f"batches of up to {cfg.finetune_batch_size} shots) on the k labelled shots per class only, no held-out "
+        "labels and no early stopping; the final state is scored."
     )
+
+
+def arm_config(ff: FeatureFile, cfg: EvalConfig, loaded: LoadedModel) -> EvalConfig:
+    """`cfg` with the end-to-end arms' epochs for `ff`'s model (`budgeted_epochs`)."""
+    train_cfg = loaded.meta.get("train_config")
+    if train_cfg is None:  # a model saved by other means than the trainer: no pretraining budget to go by
+        return cfg
+    train = split_mask(ff, "train")
+    shot_rows = cfg.fewshot_seeds * len(np.unique(labels(ff)[train])) * sum(usable_k(ff, cfg)[0])
+    epochs = budgeted_epochs(cfg, train_cfg, int(train.sum()), shot_rows)
+    return cfg.model_copy(update={"finetune_epochs": epochs})
+
+
+def arm_protocol(ff: FeatureFile, cfg: EvalConfig) -> str:
+    """The end-to-end arms' protocol for `ff`'s model, with the epochs its budget allows (for the report)."""
+    arm_cfg = arm_config(ff, cfg, load_model(model_dir(ff)))
+    return protocol(arm_cfg, budgeted=arm_cfg.finetune_epochs < cfg.finetune_epochs)
+
+
+def budgeted_epochs(cfg: EvalConfig, train_cfg: dict[str, Any], train_rows: int, shot_rows: int) -> int:
+    """The end-to-end arms' epochs: `finetune_epochs`, or fewer when one arm's `shot_rows` per epoch (all its k
+    and seeds) would pass more than `fewshot_budget` of the rows the pretraining's budget allows (its
+    `max_steps` batches of `batch_size`, or `epochs` passes over the `train_rows`, whichever is fewer); at least 1.
+
+    The arms then cost a bounded fraction of the pretraining (encoder only, a half of its model) at any budget.
+    """
+    budget = min(train_cfg["max_steps"] * train_cfg["batch_size"], train_cfg["epochs"] * train_rows)
+    return max(1, min(cfg.finetune_epochs, int(cfg.fewshot_budget * budget // max(1, shot_rows))))
 
 
 def _end_to_end(ff: FeatureFile, cfg: EvalConfig, *, arm: Arm, seed: int) -> pd.DataFrame:
@@ -104,15 +134,16 @@ def _end_to_end(ff: FeatureFile, cfg: EvalConfig, *, arm: Arm, seed: int) -> pd.
         x = loaded.normalizer.torch(torch.from_numpy(np.ascontiguousarray(raw[rows])))
         return x.reshape(len(rows), *loaded.model.input_shape)
 
-    log.info("%s: %s", ff.name, protocol(cfg))
     y_all = labels(ff)
     train, test = np.flatnonzero(split_mask(ff, "train")), np.flatnonzero(split_mask(ff, "test"))
     classes = np.unique(y_all[train])
+    ks = usable_k(ff, cfg, task=f"fewshot_{arm}")[0]
+    cfg = arm_config(ff, cfg, loaded)  # the scratch arms' sharing key includes its epochs
     y = _class_index(y_all, classes)  # -1 for test labels never seen in train: always wrong
     x_test, y_test = inputs(test), torch.from_numpy(y[test])
     test_digest = _digest(x_test, y_test) if arm == "scratch" else b""
     rows = []
-    for k in usable_k(ff, cfg, task=f"fewshot_{arm}")[0]:
+    for k in ks:
         episodes = fewshot_episodes(ff, k, cfg.fewshot_seeds, seed=seed)
         run_seeds = [int(np.random.SeedSequence([seed, s, k]).generate_state(1)[0]) for s in range(len(episodes))]
         shots = [(inputs(e), y[e]) for e in episodes]

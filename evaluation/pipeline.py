@@ -43,7 +43,7 @@ from .applications import (
 from .baselines import write_baselines
 from .context import TaskOutput, make_context
 from .fewshot import fewshot_frozen, usable_k
-from .finetune import fewshot_finetune, fewshot_scratch
+from .finetune import arm_protocol, fewshot_finetune, fewshot_scratch
 from .inputs import (
     BASELINE_NAMES,
     dataset_of,
@@ -137,6 +137,7 @@ def evaluate_representation(
             if has_model:
                 run("fewshot_finetune", lambda: fewshot_finetune(ff, cfg, seed=seed))
                 run("fewshot_scratch", lambda: fewshot_scratch(ff, cfg, seed=seed))
+                notes.append(f"{ff.name}: {arm_protocol(ff, cfg)}")
             else:
                 notes.append(
                     f"{ff.name}: fewshot_finetune/fewshot_scratch not run: no model directory ({ff.meta.get('model_dir', 'no model_dir')})."

@@ -293,3 +293,41 @@ def test_lp_head_folds_the_scaler_and_logistic_head_exactly(tmp_path, n_classes)
         np.testing.assert_allclose(
             logits - logits.mean(1, keepdims=True), ref - ref.mean(1, keepdims=True), rtol=1e-4, atol=1e-4
         )
+
+
+def test_budgeted_epochs_bound_the_arms_by_the_pretraining_budget():
+    """Each arm passes at most fewshot_budget x the pretraining's row budget (or finetune_epochs, or 1 epoch)."""
+    from evaluation.finetune import budgeted_epochs
+
+    digits = {"max_steps": 6000, "batch_size": 128, "epochs": 1000}  # the default config on digits' 1347 train rows
+    assert budgeted_epochs(EvalConfig(), digits, 1347, 5 * 10 * (1 + 5 + 10 + 50)) == 100  # the budget does not bind
+    smoke = {"max_steps": 6000, "batch_size": 128, "epochs": 2}  # two epochs over 1800 rows: 3600 rows
+    epochs = budgeted_epochs(EvalConfig(fewshot_budget=2.0), smoke, 1800, 990)
+    assert epochs == 7 and epochs * 990 <= 2.0 * 3600 < (epochs + 1) * 990
+    steps = {"max_steps": 10, "batch_size": 64, "epochs": 1000}  # the step budget binds: 640 rows
+    assert budgeted_epochs(EvalConfig(fewshot_budget=1.0), steps, 10_000, 100) == 6
+    assert budgeted_epochs(EvalConfig(), steps, 10_000, 10**6) == 1  # never fewer than one epoch
+
+
+def test_end_to_end_arms_train_for_the_budgeted_epochs(tmp_path, synth, monkeypatch):
+    """A model pretrained on a small budget gets fewer fine-tuning epochs, and the report note says so."""
+    import torch
+
+    import evaluation.finetune as finetune
+    from ae_repr.checkpoint import load_model, save_model
+
+    mdir = save_tiny_ae(tmp_path / "models" / "ae")
+    loaded = load_model(mdir)
+    train_cfg = {"max_steps": 6000, "batch_size": 128, "epochs": 1}  # one pass over the train rows
+    save_model(mdir, loaded.model, variant="ae", normalizer=loaded.normalizer, extra={"train_config": train_cfg})
+    ff = read_features(learned_feature_file(tmp_path / "features", synth, mdir))
+    n_train, n_classes = int((ff.frame["split"] == "train").sum()), ff.frame["label"].nunique()
+    cfg = QUICK.model_copy(update={"fewshot_k": (1,), "fewshot_seeds": 2, "fewshot_budget": 0.1})
+    expected = max(1, int(0.1 * n_train // (2 * n_classes)))
+    assert expected < cfg.finetune_epochs
+    steps = []
+    real_ce = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: steps.append(1) or real_ce(*a, **k))
+    fewshot_finetune(ff, cfg)
+    assert len(steps) == expected  # one full-batch step per epoch at k=1
+    assert f"{expected} epochs (fewer than the configured epochs" in finetune.arm_protocol(ff, cfg)
