@@ -149,7 +149,11 @@ class EvalConfig(_Frozen):
     inpaint_random_p: float = Field(0.5, gt=0, lt=1)  # fraction of pixels the random mask hides
     inpaint_iters: int = Field(10, gt=0)  # x <- m * x_obs + (1 - m) * decode(encode(x)) repetitions
     inpaint_max_rows: int = Field(500, gt=0)  # test rows inpainted (a fixed subsample)
-    nll_samples: int = Field(500, gt=0)  # importance samples per row for nll_is
+    nll_samples: int = Field(500, gt=0)  # importance samples per row for nll_is: at most this many
+    nll_samples_min: int = Field(50, gt=1)  # every scored row gets this many; then more in rounds (see nll_mc_ratio)
+    # rows get more samples (doubling, up to nll_samples) while the importance-sampling standard error of the
+    # mean nll_is exceeds this fraction of its standard error over the scored rows: then it pays; later it is noise
+    nll_mc_ratio: float = Field(0.1, gt=0)
     nll_max_rows: int = Field(500, gt=0)  # test rows scored by nll_is (a fixed subsample)
     generation_samples: int = Field(1000, gt=0)  # prior samples scored by the real-data classifier
     augment_k: int = Field(5, gt=0)  # labelled examples per class in the augmentation experiment

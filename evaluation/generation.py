@@ -12,7 +12,10 @@ a bootstrap over the scored test rows. Representation `factorized` is the likeli
 independent per-dimension histograms (discrete data) or Gaussians fitted to the train rows, scored
 exactly on the same rows; a model above it is worse than no model.
 Models with the `GaussianPosterior` capability only (the others get a note saying why), on at most `nll_max_rows` test rows chosen by sample_id with the evaluation
-seed, `nll_samples` draws each.
+seed. Samples go where they pay (`adaptive_nll`): every row gets `nll_samples_min` draws; while the
+importance-sampling standard error of the mean exceeds `nll_mc_ratio` of the standard error over rows
+(the bootstrap interval's source), the rows whose own Monte Carlo variance is above their share double
+their draws, up to `nll_samples`. `nll_is_samples` is the mean number of draws per row.
 
 Prior samples: a model with the `Prior` capability (vae, beta_vae, hier_vae) draws from its own prior. A
 `Quantized` model without one (vq_vae) gets the simplest fitted one, an independent categorical per position with the train rows' code
@@ -39,6 +42,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -108,8 +112,7 @@ def _nll(log_w: torch.Tensor) -> torch.Tensor:
 def nll_mc_variance(log_w: torch.Tensor) -> torch.Tensor:
     """Monte Carlo variance of each row's importance-sampled NLL from (S, B) log weights, (B,): by the delta
     method, Var(log mean w) = Var(w) / (S mean(w)^2), computed on weights scaled by their row maximum."""
-    w = torch.exp(log_w.double() - log_w.double().amax(0))  # (S, B), the largest weight of a row is 1
-    return w.var(0, correction=1) / (w.shape[0] * w.mean(0).pow(2))
+    return _row_stats(log_w, torch.full((log_w.shape[1],), log_w.shape[0]))[1]
 
 
 def nll_is(
@@ -117,6 +120,67 @@ def nll_is(
 ) -> torch.Tensor:
     """Importance-sampled negative log-likelihood per row, nats, (B,) (Burda et al. 2016)."""
     return _nll(log_weights(model, x, n_samples, generator=generator, chunk=chunk))
+
+
+@dataclass(frozen=True)
+class AdaptiveNLL:
+    """Per-row importance-sampled NLLs (nats, normalized space) with their Monte Carlo variances and draw counts."""
+
+    nll: np.ndarray  # (N,)
+    mc_variance: np.ndarray  # (N,) each row's delta-method variance
+    samples: np.ndarray  # (N,) draws per row
+    elbo: np.ndarray  # (N,) each row's mean log weight
+
+    @property
+    def mc_se(self) -> float:
+        """Monte Carlo standard error of the mean NLL over rows."""
+        return math.sqrt(float(self.mc_variance.sum())) / len(self.nll)
+
+
+def _row_stats(log_w: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NLL, delta-method MC variance and mean log weight per row of (S_max, N) log weights padded with -inf."""
+    lw = log_w.double()
+    n = counts.double()
+    nll = n.log() - torch.logsumexp(lw, 0)
+    w = torch.exp(lw - lw.amax(0))  # padding -> 0
+    mean = w.sum(0) / n
+    var = (w.pow(2).sum(0) - n * mean.pow(2)) / (n - 1)
+    elbo = torch.where(torch.isfinite(lw), lw, 0.0).sum(0) / n
+    return nll, var.clamp_min(0) / (n * mean.pow(2)), elbo
+
+
+def adaptive_nll(
+    model: GaussianPosterior,
+    inputs: Callable[[np.ndarray], torch.Tensor],
+    n_rows: int,
+    cfg: EvalConfig,
+    *,
+    generator: torch.Generator,
+) -> AdaptiveNLL:
+    """Importance-sampled NLL of `n_rows` rows (`inputs(positions)` gives their model inputs), more draws only
+    where they pay: every row gets `nll_samples_min`; while the MC standard error of the mean exceeds
+    `nll_mc_ratio` x the standard error over rows, each row whose MC variance is above its share of that
+    target (N x target^2) doubles its draws, up to `nll_samples`."""
+    cap = cfg.nll_samples
+    log_w = torch.full((cap, n_rows), -math.inf, dtype=torch.float64)
+    counts = torch.zeros(n_rows, dtype=torch.long)
+    more = torch.full((n_rows,), min(cfg.nll_samples_min, cap))  # draws to add per row this round
+    while True:
+        for draws in sorted(set(more[more > 0].tolist())):  # rows asking for as many draws go in one pass
+            todo = np.flatnonzero((more == draws).numpy())
+            for i in range(0, len(todo), ROW_BATCH):
+                rows = todo[i : i + ROW_BATCH]
+                lw = log_weights(model, inputs(rows), draws, generator=generator).double().cpu()  # (draws, B)
+                for j, r in enumerate(rows):
+                    log_w[counts[r] : counts[r] + draws, r] = lw[:, j]
+        counts += more
+        nll, var, elbo = _row_stats(log_w, counts)
+        target = cfg.nll_mc_ratio * float(nll.std()) / math.sqrt(n_rows)
+        open_rows = (var > n_rows * target**2) & (counts < cap)
+        if math.sqrt(float(var.sum())) / n_rows <= target or not bool(open_rows.any()):
+            break
+        more = torch.where(open_rows, torch.minimum(counts, cap - counts), 0)
+    return AdaptiveNLL(nll.numpy(), var.numpy(), counts.numpy(), elbo.numpy())
 
 
 # --- priors, interpolations, traversals --------------------------------------------------------
@@ -277,30 +341,27 @@ def generation(ctx: AppContext) -> TaskOutput:
         notes.append(ctx.skipped("nll_is", GaussianPosterior).removeprefix(f"{name}: ").removesuffix("."))
     else:
         rows = subsample(ctx.ff, "test", cfg.nll_max_rows, ctx.seed)
-        gen = _generator(ctx)
-        log_w = torch.cat(
-            [
-                log_weights(model, ctx.inputs(rows[i : i + ROW_BATCH]).to(device), cfg.nll_samples, generator=gen)
-                for i in range(0, len(rows), ROW_BATCH)
-            ],
-            dim=1,
-        )  # (S, N)
+        est = adaptive_nll(model, lambda pos: ctx.inputs(rows[pos]).to(device), len(rows), cfg,
+                           generator=_generator(ctx))
         lik = model.likelihood
         # discrete likelihoods give probabilities of the raw levels already; a density needs the Jacobian
         jac = ctx.normalizer.log_abs_det(model.input_dim) if lik.continuous else 0.0
-        per_row = _nll(log_w).double().cpu().numpy() - jac  # (N,), nats in the data's own units
-        nll, elbo = float(per_row.mean()), float(log_w.double().mean()) + jac
-        mc_se = math.sqrt(float(nll_mc_variance(log_w).sum())) / len(per_row)
+        per_row = est.nll - jac  # (N,), nats in the data's own units
+        nll, elbo, mc_se = float(per_row.mean()), float(est.elbo.mean()) + jac, est.mc_se
         rows_out += [
             result_row(name, TASK, "nll_is", nll, **_row_interval(per_row, cfg, ctx.seed)),
             result_row(name, TASK, "elbo", elbo),
             result_row(name, TASK, "nll_is_bpd", nll / (model.input_dim * math.log(2))),
             result_row(name, TASK, "nll_is_mc_se", mc_se),
+            result_row(name, TASK, "nll_is_samples", float(est.samples.mean())),
         ]
         notes.append(
-            f"nll_is with {cfg.nll_samples} importance samples on {len(rows)} test rows, likelihood {lik}, nats per "
-            f"example in the data's units{' (Jacobian of the normalization included)' if jac else ''}; "
-            f"importance-sampling standard error {mc_se:.3g} nats"
+            f"nll_is on {len(rows)} test rows with {est.samples.min()}-{est.samples.max()} importance samples per "
+            f"row (mean {est.samples.mean():.0f}; {cfg.nll_samples_min} each, doubled where the sampling error "
+            f"of the mean exceeded {cfg.nll_mc_ratio:g} of its error over rows, at most {cfg.nll_samples}), "
+            f"likelihood {lik}, nats per example in the data's units"
+            f"{' (Jacobian of the normalization included)' if jac else ''}; importance-sampling standard error "
+            f"{mc_se:.3g} nats"
         )
         log.info("%s: nll_is %.2f nats (%.3f bits/dim, MC s.e. %.3g), elbo %.2f", name, nll,
                  nll / (model.input_dim * math.log(2)), mc_se, elbo)

@@ -314,7 +314,7 @@ def test_generation_task(tmp_path, synth):
     assert torch.equal(torch.get_rng_state(), state)
     frame = out.frame
     assert set(frame["task"]) == {"generation"} and set(frame["representation"]) == {"vae"}
-    assert set(frame["metric"]) == {"nll_is", "elbo", "nll_is_bpd", "nll_is_mc_se", "sample_confidence",
+    assert set(frame["metric"]) == {"nll_is", "elbo", "nll_is_bpd", "nll_is_mc_se", "nll_is_samples", "sample_confidence",
                                     "sample_entropy", "class_entropy", "classifier_score"}
     assert _value(frame, "nll_is_bpd") == pytest.approx(_value(frame, "nll_is") / (ctx.model.input_dim * math.log(2)))
     assert 0 < _value(frame, "nll_is_mc_se") < 1.0
@@ -325,7 +325,7 @@ def test_generation_task(tmp_path, synth):
     assert out.pictures["vae/interpolations"].shape == (4, 8, D)
     assert out.pictures["vae/traversals"].shape == (4, 7, D)  # latent_dim 4 < 6 dims
     assert sorted(out.pictures["vae/traversal_dims"]) == [0, 1, 2, 3]
-    assert "20 importance samples on 30 test rows" in out.notes[0]
+    assert "nll_is on 30 test rows with " in out.notes[0] and "at most 20)" in out.notes[0]
     # the samples picture is the model's own prior under the evaluation seed
     with torch.no_grad():
         want = ctx.model.sample(16, torch.Generator().manual_seed(3)).numpy()
@@ -340,7 +340,7 @@ def test_generation_per_family(tmp_path, variant):
     ctx = replace(_image_ctx(tmp_path, variant), cfg=EvalConfig(nll_samples=4, nll_max_rows=8, generation_samples=40))
     out = generation(ctx)
     quality = {"sample_confidence", "sample_entropy", "class_entropy", "classifier_score"}
-    likelihood = {"nll_is", "elbo", "nll_is_bpd", "nll_is_mc_se"} if variant == "hier_vae" else set()
+    likelihood = {"nll_is", "elbo", "nll_is_bpd", "nll_is_mc_se", "nll_is_samples"} if variant == "hier_vae" else set()
     codes = {"dead_code_fraction"} if variant == "vq_vae" else set()
     assert set(out.frame["metric"]) == quality | likelihood | codes
     if variant == "vq_vae":  # by hand: codes chosen by no train row at any position
@@ -439,3 +439,64 @@ def test_factorized_nll_is_the_histogram_and_gaussian_nll_by_hand():
     x_tr, x_te = rng.normal(2.0, 3.0, size=(500, 2)), rng.normal(2.0, 3.0, size=(9, 2))
     expected = -stats.norm(x_tr.mean(0), x_tr.std(0)).logpdf(x_te).sum(1)
     np.testing.assert_allclose(factorized_nll(x_tr, x_te, Likelihood("gaussian")), expected)
+
+
+def test_row_stats_of_padded_weights_match_each_row_by_hand():
+    """Rows with different draw counts (padded with -inf): NLL, delta-method variance and mean log weight per row."""
+    from evaluation.generation import _row_stats
+
+    rng = np.random.default_rng(0)
+    counts = [30, 7, 12, 2, 30]
+    log_w = torch.full((30, 5), -math.inf, dtype=torch.float64)
+    for j, n in enumerate(counts):
+        log_w[:n, j] = torch.from_numpy(rng.normal(-50.0, 2.0, size=n))
+    nll, var, elbo = _row_stats(log_w, torch.tensor(counts))
+    for j, n in enumerate(counts):
+        lw = log_w[:n, j].numpy()
+        w = np.exp(lw - lw.max())  # scaled: the ratio var / mean^2 does not change
+        assert nll[j].item() == pytest.approx(-(np.log(np.mean(w)) + lw.max()), rel=1e-12)
+        assert var[j].item() == pytest.approx(np.var(w, ddof=1) / (n * np.mean(w) ** 2), rel=1e-9)
+        assert elbo[j].item() == pytest.approx(lw.mean(), rel=1e-12)
+
+
+def _rows(n: int):
+    model, x, _ = _linear_gaussian(perturb=True)
+    return model, (x.repeat(n // len(x), 1) + 0.7 * torch.randn(n, x.shape[1], generator=_gen(5)))
+
+
+def test_adaptive_nll_takes_the_minimum_when_the_error_is_small_and_the_cap_when_it_is_not():
+    from evaluation.generation import adaptive_nll
+
+    model, x = _rows(40)
+    inputs = x.__getitem__
+    cheap = adaptive_nll(model, inputs, 40, EvalConfig(nll_samples_min=16, nll_samples=200, nll_mc_ratio=1e9),
+                         generator=_gen(1))
+    assert (cheap.samples == 16).all()
+    np.testing.assert_allclose(cheap.nll, nll_is(model, x, 16, generator=_gen(1)).double().numpy(), rtol=1e-6)
+    full = adaptive_nll(model, inputs, 40, EvalConfig(nll_samples_min=16, nll_samples=200, nll_mc_ratio=1e-9),
+                        generator=_gen(1))
+    assert (full.samples == 200).all()  # 16, 32, 64, 128, then the last 72
+    assert full.mc_se < cheap.mc_se
+
+
+def test_adaptive_nll_spends_samples_on_the_rows_whose_error_pays():
+    """More draws go to the rows with the largest Monte Carlo variance, until the sampling error of the mean is
+    below nll_mc_ratio of its error over rows; far fewer draws than all rows at the cap."""
+    from evaluation.generation import _row_stats, adaptive_nll
+
+    model, x = _rows(200)
+    cfg = EvalConfig(nll_samples_min=8, nll_samples=512, nll_mc_ratio=0.1)
+    est = adaptive_nll(model, x.__getitem__, 200, cfg, generator=_gen(2))
+    target = cfg.nll_mc_ratio * est.nll.std(ddof=1) / math.sqrt(200)
+    assert est.mc_se <= target
+    assert 8 * 200 < est.samples.sum() < 0.5 * 512 * 200  # it spent, but far below the cap everywhere
+    assert len(np.unique(est.samples)) > 1  # some rows got more than others
+    # the first round's draws (the same generator, the same batches): its high-variance rows got the extra draws
+    from evaluation.generation import ROW_BATCH
+
+    gen = _gen(2)
+    first = torch.cat([log_weights(model, x[i : i + ROW_BATCH], 8, generator=gen) for i in range(0, 200, ROW_BATCH)], 1)
+    var0 = _row_stats(first, torch.full((200,), 8))[1].numpy()
+    more = est.samples > 8
+    assert more[np.argsort(var0)[-20:]].all()  # the 20 noisiest rows all got more
+    assert var0[more].mean() > 2 * var0[~more].mean()
