@@ -46,14 +46,13 @@ from ae_repr.models.capabilities import GaussianLatentScores
 from ae_repr.train import train_variant
 
 from .context import AppContext, TaskOutput
-from .inputs import single_thread
+from .inputs import pass_rows, single_thread
 from .intervals import auroc_interval, interval_fields
 from .results import result_frame, result_row
 
 log = logging.getLogger(__name__)
 
 ELBO_DRAWS = GaussianLatentScores.ELBO_DRAWS  # posterior draws averaged into the negative-ELBO score
-_BATCH = 512  # rows per forward pass when scoring
 HEADLINE = "reconstruction"  # the score behind `auroc` / `auprc`; every other score is `auroc_<name>` / `auprc_<name>`
 _OWN_SCORE = "the model's own score (anomaly_scores)"  # a plug-in's score, named by the plug-in
 _SCORE_NAMES = {
@@ -173,7 +172,7 @@ def model_scores(model: Autoencoder, x: torch.Tensor, *, seed: int = 0) -> dict[
         return {HEADLINE: (model.reconstruct(xb) - xb).pow(2).flatten(1).sum(1), **own}  # (B, *shape) -> (B,)
 
     out: dict[str, list[torch.Tensor]] = {}
-    for xb in x.split(_BATCH):
+    for xb in x.split(pass_rows(x[0].numel(), ELBO_DRAWS)):  # an AnomalyScorer may take several draws per row
         for name, score in scores(xb).items():
             out.setdefault(name, []).append(score.double().cpu())
     return {name: torch.cat(parts).numpy() for name, parts in out.items()}

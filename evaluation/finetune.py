@@ -63,14 +63,13 @@ from ae_repr.io import FeatureFile
 from ae_repr.models import Autoencoder, build_model, module_init
 
 from .fewshot import fewshot_episodes, fewshot_row, usable_k
-from .inputs import labels, model_dir, raw_inputs, split_mask
+from .inputs import labels, model_dir, pass_rows, raw_inputs, split_mask
 from .probe import fit_frozen_head
 from .results import result_frame
 
 log = logging.getLogger(__name__)
 
 Arm = Literal["finetune", "scratch"]
-_EVAL_BATCH = 2048
 
 
 def fewshot_finetune(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFrame:
@@ -298,7 +297,7 @@ def _lp_head(
 def _accuracy(model: Autoencoder, head: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     with torch.inference_mode():
-        pred = torch.cat([head(model.encode(xb)).argmax(1) for xb in x.split(_EVAL_BATCH)])
+        pred = torch.cat([head(model.encode(xb)).argmax(1) for xb in x.split(pass_rows(x[0].numel()))])
     return float((pred == y).double().mean())
 
 

@@ -59,7 +59,7 @@ from ae_repr.likelihoods import Likelihood, likelihood_for
 from ae_repr.models import Autoencoder, GaussianPosterior, Prior, Quantized
 
 from .context import AppContext, TaskOutput
-from .inputs import label_problem, single_thread, subsample
+from .inputs import label_problem, pass_rows, single_thread, subsample
 from .intervals import interval_fields, mean_interval
 from .rate_distortion import kl_per_dim
 from .results import result_frame, result_row
@@ -170,7 +170,9 @@ def adaptive_nll(
             todo = np.flatnonzero((more == draws).numpy())
             for i in range(0, len(todo), ROW_BATCH):
                 rows = todo[i : i + ROW_BATCH]
-                lw = log_weights(model, inputs(rows), draws, generator=generator).double().cpu()  # (draws, B)
+                x = inputs(rows)
+                chunk = min(32, max(1, pass_rows(x[0].numel()) // len(rows)))  # draws per pass
+                lw = log_weights(model, x, draws, generator=generator, chunk=chunk).double().cpu()  # (draws, B)
                 for j, r in enumerate(rows):
                     log_w[counts[r] : counts[r] + draws, r] = lw[:, j]
         counts += more

@@ -205,7 +205,13 @@ def test_dense_conv_matches_either_layer_in_channels_last() -> None:
 
 def test_inference_copy_keeps_large_convs() -> None:
     model = _model("vae", (1, 64, 64)).eval()
-    assert inference_copy(model) is model  # 4096 x 8192 entries for the first conv alone: above the bound
+    kept = inference_copy(model)  # 4096 x 8192 entries for the first conv alone: above the bound
+    assert kept is not model and _convs(kept) == _convs(model)  # a copy: its convs go channels-last
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in kept.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d))
+    z = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(kept.decode(z), model.decode(z), atol=1e-5, rtol=1e-5)
     cfg = model_config("vae", latent_dim=8, channels=(2, 32))
     model = build_model("vae", cfg, (1, 16, 16), "bernoulli", seed=0).eval()
     # 256 -> 2x8x8 and back: 32,768 entries each; 2x8x8 -> 32x4x4 and back: 65,536 each
