@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo test lint bench bench-quick peer-venv services services-stop clean browser
+.PHONY: install demo test lint bench bench-quick bench-anchor peer-venv services services-stop clean browser
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,10 @@ $(PEER_VENV)/.installed: benchmarks/requirements-peers.txt
 
 bench: install peer-venv
 	$(BENCH_ENV) $(PY) benchmarks/run_all.py --json benchmarks/results.json
+
+# the default `ae-repr run` against the hand-written pipeline alone (part of `make bench`): a warm-up and two timed runs of each side
+bench-anchor: install
+	$(BENCH_ENV) $(PY) benchmarks/run_all.py --only vs_handwritten
 
 # Headless Chromium for the MLflow UI test (Debian's package; idempotent).
 browser:

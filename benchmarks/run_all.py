@@ -2,10 +2,11 @@
 
 Full: trainer vs bare (all six variants, MLP and conv; the VAE also against a bare loop with stock
 AdamW), FLOP/s vs the matmul peak, pythae vs ours, feature extraction, dSprites scale, `ae-repr run`
-end to end with tracking on and off. Quick (CI-sized,
+end to end with tracking on and off, `ae-repr run` vs the hand-written pipeline. Quick (CI-sized,
 a few minutes): trainer vs bare for vae and vq_vae on MLP and conv at half the rows, FLOP/s and
 extraction; it prints the same summary and writes nothing unless --results is given. The last line is
-always `trainer_vs_bare=<the smallest ratio>`.
+`trainer_vs_bare=<the smallest ratio>`. `--only NAME[,NAME]` runs just those benchmarks of the full
+run (`make bench-anchor`: `--only vs_handwritten`), writes only with --results and ends without that line.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import flops
 import peer_pythae
 import scale
 import trainer_vs_bare
+import vs_handwritten
 from _common import dump, machine, say
 
 from ae_repr.config import ALL_VARIANTS
@@ -53,30 +55,49 @@ def trainer_cases(quick: bool) -> dict[str, Any]:
     return trainer_vs_bare.summarize(first["cases"] + rest["cases"])
 
 
+def plan(quick: bool) -> dict[str, Callable[[], dict[str, Any]]]:
+    """The benchmarks of a run, in order: the quick subset or the full run."""
+    steps: dict[str, Callable[[], dict[str, Any]]] = {
+        "trainer_vs_bare": lambda: trainer_cases(quick),
+        "flops": lambda: flops.run(2 if quick else 3),
+        "extraction": lambda: extraction.run(100_000, 3 if quick else 5),
+    }
+    if not quick:
+        steps["peer"] = lambda: peer_pythae.run(3)
+        steps["scale"] = scale.run
+        steps["end_to_end"] = lambda: end_to_end.run(2)
+        steps["vs_handwritten"] = lambda: vs_handwritten.run(2)
+    return steps
+
+
 def main() -> int:
+    steps = plan(quick=False)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the CI-sized subset")
+    ap.add_argument("--only", metavar="NAME[,NAME]", help=f"just these benchmarks of the full run: {', '.join(steps)}")
     ap.add_argument("--results", help="markdown file to write (default: benchmarks/RESULTS.md for the full run)")
     ap.add_argument("--json", help="also write every figure to this JSON file")
     args = ap.parse_args()
+    only = args.only.split(",") if args.only else None
+    if only and (args.quick or set(only) - set(steps)):
+        ap.error(f"--only takes names from {', '.join(steps)} and no --quick")
     m = machine()
     say(f"machine: {m}")
     res: dict[str, Any] = {"machine": m, "quick": args.quick}
-    res["trainer_vs_bare"] = attempt("trainer_vs_bare", lambda: trainer_cases(args.quick))
-    res["flops"] = attempt("flops", lambda: flops.run(2 if args.quick else 3))
-    res["extraction"] = attempt("extraction", lambda: extraction.run(100_000, 3 if args.quick else 5))
-    if not args.quick:
-        res["peer"] = attempt("peer", lambda: peer_pythae.run(3))
-        res["scale"] = attempt("scale", scale.run)
-        res["end_to_end"] = attempt("end_to_end", lambda: end_to_end.run(2))
+    for name, fn in plan(args.quick).items():
+        if only is None or name in only:
+            res[name] = attempt(name, fn)
     res["machine"]["load_average_1m_end"] = machine()["load_average_1m"]
     dump(args.json, res)
-    out = args.results or (None if args.quick else str(HERE / "RESULTS.md"))
+    # a partial run never overwrites the full run's RESULTS.md
+    out = args.results or (None if args.quick or only else str(HERE / "RESULTS.md"))
     if out:
         from report import render
 
         Path(out).write_text(render(res))
         say(f"wrote {out}")
+    if only:
+        return 0 if all("error" not in res[name] for name in only) else 1
     tvb = res["trainer_vs_bare"]
     say(f"trainer_vs_bare={tvb['min_ratio']:.3f}" if "min_ratio" in tvb else "trainer_vs_bare=nan")
     return 0 if "error" not in tvb else 1
