@@ -105,7 +105,7 @@ def paired_probe_test(
     Cs = cfg.probe_c_grid if np.unique(y[fit], return_counts=True)[1].min() >= 2 else (cfg.fewshot_c,)
     correct = []
     for z in (z_new, z_champion):
-        head = fit_frozen_head(z[fit], y[fit], Cs=Cs, folds=cfg.probe_folds, seed=seed)
+        head = fit_frozen_head(z[fit], y[fit], Cs=Cs, folds=cfg.probe_folds, seed=seed, cv_max_rows=cfg.probe_cv_max_rows)
         correct.append(head.predict(z[val]) == y[val])
     test = mcnemar_exact(*correct, alpha=cfg.promotion_alpha)
     log.info("%s: %s", ff.name, test.describe())

@@ -46,9 +46,6 @@ import copy
 import functools
 import hashlib
 import logging
-import threading
-from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any, Literal
 
 import numpy as np
@@ -63,7 +60,7 @@ from ae_repr.io import FeatureFile
 from ae_repr.models import Autoencoder, build_model, module_init
 
 from .fewshot import fewshot_episodes, fewshot_row, usable_k
-from .inputs import labels, model_dir, pass_rows, raw_inputs, split_mask
+from .inputs import SharedResults, digest, labels, model_dir, pass_rows, raw_inputs, split_mask
 from .probe import fit_frozen_head
 from .results import result_frame
 
@@ -140,7 +137,7 @@ def _end_to_end(ff: FeatureFile, cfg: EvalConfig, *, arm: Arm, seed: int) -> pd.
     cfg = arm_config(ff, cfg, loaded)  # the scratch arms' sharing key includes its epochs
     y = _class_index(y_all, classes)  # -1 for test labels never seen in train: always wrong
     x_test, y_test = inputs(test), torch.from_numpy(y[test])
-    test_digest = _digest(x_test, y_test) if arm == "scratch" else b""
+    test_digest = digest(x_test, y_test) if arm == "scratch" else b""
     rows = []
     for k in ks:
         episodes = fewshot_episodes(ff, k, cfg.fewshot_seeds, seed=seed)
@@ -150,65 +147,17 @@ def _end_to_end(ff: FeatureFile, cfg: EvalConfig, *, arm: Arm, seed: int) -> pd.
         if arm == "finetune":
             accs = run()
         else:  # twin variants' scratch arms (ae/dae, vae/beta_vae) are one computation
-            accs = _SCRATCH_RESULTS.get(_scratch_key(loaded.model, shots, test_digest, len(classes), cfg, run_seeds), run)
+            key = _scratch_key(loaded.model, shots, test_digest, len(classes), cfg, run_seeds)
+            accs = list(_SCRATCH_RESULTS.get(key, run))
         rows.append(fewshot_row(ff.name, f"fewshot_{arm}", k, accs))
         log.info("%s: fewshot_%s k=%d accuracy %.4f", ff.name, arm, k, rows[-1]["value"])
     return result_frame(rows)
 
 
-class _SharedResults:
-    """Scratch-arm accuracies computed once per key in this process; a caller asking for a key that another
-    thread is computing waits for that result (a failed computation is retried by the next caller)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._results: dict[str, Future[list[float]]] = {}
-
-    def get(self, key: str, compute: Callable[[], list[float]]) -> list[float]:
-        """The result for `key`: stored, awaited from the thread computing it, or computed here by `compute`."""
-        while True:
-            with self._lock:
-                future = self._results.get(key)
-                owner = future is None
-                if owner:
-                    future = self._results[key] = Future()
-            if owner:
-                break
-            try:
-                return list(future.result())
-            except BaseException:
-                if not future.done():  # interrupted while waiting
-                    raise
-        try:
-            result = compute()
-        except BaseException as e:
-            with self._lock:
-                del self._results[key]
-            future.set_exception(e)
-            raise
-        future.set_result(result)
-        return list(result)
-
-    def clear(self) -> None:
-        """Forget every stored result."""
-        with self._lock:
-            self._results.clear()
-
-
-_SCRATCH_RESULTS = _SharedResults()
+_SCRATCH_RESULTS: SharedResults[list[float]] = SharedResults()
 # model config fields the scratch arm does not depend on: those a model declares as changing its training
 # objective only (`LOSS_ONLY_FIELDS`: the input corruption, a VAE's beta), whose effect the scratch arm's one
 # state-setting pass discards; so ae/dae and vae/beta_vae share one scratch result
-
-
-def _digest(*arrays: torch.Tensor | np.ndarray) -> bytes:
-    """A hash of the arrays' dtypes, shapes and values."""
-    h = hashlib.blake2b(digest_size=20)
-    for a in arrays:
-        a = np.ascontiguousarray(a.numpy() if isinstance(a, torch.Tensor) else a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.view(np.uint8).reshape(-1))
-    return h.digest()
 
 
 def _scratch_key(
@@ -235,7 +184,7 @@ def _scratch_key(
     )
     h = hashlib.blake2b(repr(spec).encode(), digest_size=20)
     h.update(test_digest)
-    h.update(_digest(*(a for x, y in shots for a in (x, y))))
+    h.update(digest(*(a for x, y in shots for a in (x, y))))
     return h.hexdigest()
 
 

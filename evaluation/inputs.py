@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 import pandas as pd
+import torch
 from threadpoolctl import ThreadpoolController
 
 from ae_repr.data import Dataset, Normalizer, load_dataset
@@ -19,6 +24,7 @@ from ae_repr.errors import UserError
 from ae_repr.io import FeatureFile, read_features
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REQUIRED_COLUMNS = ("sample_id", "split")  # `label` may be absent: the label tasks are then skipped
 BASELINE_NAMES = ("raw", "pca", "ica", "random_projection")
@@ -209,3 +215,52 @@ def label_problem(ff: FeatureFile) -> str | None:
     if n_classes < 2:
         return f"the train split has {n_classes} class(es); classification needs at least 2"
     return None
+
+
+class SharedResults(Generic[T]):
+    """Results computed once per key in this process; a caller asking for a key that another
+    thread is computing waits for that result (a failed computation is retried by the next caller)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._results: dict[str, Future[T]] = {}
+
+    def get(self, key: str, compute: Callable[[], T]) -> T:
+        """The result for `key`: stored, awaited from the thread computing it, or computed here by `compute`."""
+        while True:
+            with self._lock:
+                future = self._results.get(key)
+                owner = future is None
+                if owner:
+                    future = self._results[key] = Future()
+            if owner:
+                break
+            try:
+                return future.result()
+            except BaseException:
+                if not future.done():  # interrupted while waiting
+                    raise
+        try:
+            result = compute()
+        except BaseException as e:
+            with self._lock:
+                del self._results[key]
+            future.set_exception(e)
+            raise
+        future.set_result(result)
+        return result
+
+    def clear(self) -> None:
+        """Forget every stored result."""
+        with self._lock:
+            self._results.clear()
+
+
+def digest(*arrays: torch.Tensor | np.ndarray) -> bytes:
+    """A hash of the arrays' dtypes, shapes and values."""
+    h = hashlib.blake2b(digest_size=20)
+    for a in arrays:
+        a = np.ascontiguousarray(a.numpy() if isinstance(a, torch.Tensor) else a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.view(np.uint8).reshape(-1))
+    return h.digest()

@@ -170,3 +170,30 @@ def test_baselines_follow_the_reference_file_past_an_earlier_runs_leftover(tmp_p
         write_baselines(features, EvalConfig(baselines=("pca",)))
     (path,) = write_baselines(features, EvalConfig(baselines=("pca",)), reference=current)
     assert len(read_features(path).z_columns) == 4
+
+
+def test_probe_chooses_c_on_a_bounded_subsample_and_fits_every_row():
+    """Above probe_cv_max_rows, C comes from CV on the documented stratified subsample; the head sees every row."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from evaluation.probe import fit_frozen_head
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=600)
+    x = rng.normal(size=(600, 5)) + 0.8 * y[:, None]
+    Cs = (0.001, 0.1, 10.0)
+    head = fit_frozen_head(x, y, Cs=Cs, folds=3, seed=4, cv_max_rows=200)
+    part = train_test_split(np.arange(600), train_size=200, stratify=y, random_state=4)[0]
+    pipe = Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(max_iter=1000, random_state=4))])
+    search = GridSearchCV(pipe, {"logreg__C": list(Cs)}, cv=StratifiedKFold(3, shuffle=True, random_state=4),
+                          scoring="accuracy").fit(x[part], y[part])
+    assert head.get_params()["logreg__C"] == search.best_params_["logreg__C"]
+    full = pipe.set_params(logreg__C=search.best_params_["logreg__C"]).fit(x, y)
+    np.testing.assert_allclose(head.predict_proba(x), full.predict_proba(x))  # fitted on all 600 rows
+    assert head.named_steps["scale"].n_samples_seen_ == 600
+    # at or below the bound: the plain search over every row, as before
+    small = fit_frozen_head(x, y, Cs=Cs, folds=3, seed=4, cv_max_rows=600)
+    assert isinstance(small, GridSearchCV) and small.n_splits_ == 3

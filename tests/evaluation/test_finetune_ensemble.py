@@ -148,7 +148,9 @@ def test_scratch_arms_of_twin_variants_are_computed_once(tmp_path, synth, monkey
 
 
 def test_shared_results_are_computed_once_across_threads_and_retried_after_a_failure():
-    results = finetune._SharedResults()
+    from evaluation.inputs import SharedResults
+
+    results = SharedResults()
     started, release, calls = threading.Event(), threading.Event(), []
 
     def slow() -> list[float]:

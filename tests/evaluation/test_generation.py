@@ -500,3 +500,12 @@ def test_adaptive_nll_spends_samples_on_the_rows_whose_error_pays():
     more = est.samples > 8
     assert more[np.argsort(var0)[-20:]].all()  # the 20 noisiest rows all got more
     assert var0[more].mean() > 2 * var0[~more].mean()
+
+
+def test_quality_classifier_is_fitted_once_per_inputs_labels_and_seed(tmp_path, synth):
+    from evaluation.generation import fit_quality_classifier
+
+    ctx = _vae_ctx(tmp_path, synth, EvalConfig())
+    first = fit_quality_classifier(ctx)
+    assert fit_quality_classifier(replace(ctx, name="beta_vae")) is first  # another variant, the same pixels
+    assert fit_quality_classifier(replace(ctx, seed=ctx.seed + 1)) is not first
