@@ -138,7 +138,7 @@ def plot_traversals(pictures: Pictures, out_dir: Path) -> list[Path]:
         made.append(
             image_grid(
                 rows, out_dir / f"traversals_{name}.png", f"{name}: latent traversals",
-                columns=[f"{o:+.2g}" for o in traversal_offsets(grid.shape[1])],
+                columns=[f"{o:+.2f}".rstrip("0").rstrip(".") for o in traversal_offsets(grid.shape[1])],
                 xlabel="z_d = centre + offset x scale: prior N(0, 1) for Gaussian-prior models (z_d = offset), "
                 "else train mean and std of z_d",
             )
@@ -236,7 +236,8 @@ def plot_dci_importance(pictures: Pictures, path: Path) -> Path | None:
     for i, (name, m) in enumerate(mats.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
         image = ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0.0, vmax=top)
-        ax.set_xticks(np.arange(m.shape[1]), factor_names[: m.shape[1]] or None, fontsize=6, rotation=45)
+        names = factor_names[: m.shape[1]] or [str(j) for j in range(m.shape[1])]
+        ax.set_xticks(np.arange(m.shape[1]), names, fontsize=6, rotation=45)
         ax.set_ylabel("latent dimension", fontsize=7)
         ax.tick_params(labelsize=6)
         ax.set_title(name, fontsize=9)
