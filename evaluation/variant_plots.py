@@ -33,7 +33,7 @@ _DPI = 80
 _MAP_ROWS = 2000  # points in the latent map: enough to see structure, cheap to draw
 GAP_RGB = (0.30, 0.34, 0.42)  # slate seams: visible on black and on white backgrounds, never a gray-map pixel
 HIDDEN_RGB = (0.95, 0.55, 0.10)  # NaN pixels (hidden by an inpainting mask)
-_PAD = 1  # pixels between tiles
+_PAD_SHARE = 1 / 16  # seam width as a share of a tile's larger side (1 pixel for 8 x 8 digits, 4 for 64 x 64)
 _CHAR_IN = 0.065  # width of one 8-point character, inches: margins sized to the labels, no tight_layout
 
 
@@ -86,7 +86,14 @@ class GridPanel:
     xlabel: str = ""
 
 
-def tile(rows: list[np.ndarray], lo: float, hi: float, pad: int = _PAD) -> np.ndarray:
+def seam(h: int, w: int) -> int:
+    """Pixels between tiles of h x w images: thin, and still visible when large images are drawn smaller."""
+    if min(h, w) == 1:  # 1 x D strips of tabular rows: a wider seam would dwarf the strip's one pixel row
+        return 1
+    return max(1, round(_PAD_SHARE * max(h, w)))
+
+
+def tile(rows: list[np.ndarray], lo: float, hi: float, pad: int = 1) -> np.ndarray:
     """Rows of images (n_i, H, W[, 3]) as one RGB array in [0, 1], (R * (H + pad) - pad, C * (W + pad) - pad, 3).
 
     Every tile maps [lo, hi] to [0, 1]; the `pad`-pixel seams and missing cells of short rows are GAP_RGB,
@@ -112,12 +119,13 @@ def _label_inches(labels: list[str]) -> float:
 def _draw_panel(ax: Axes, panel: GridPanel, lo: float, hi: float, rotate: bool, xlabel: str) -> None:
     """One imshow of the panel's tiled array, rows labelled on the left and columns on top."""
     h, w = panel.rows[0][1].shape[1:3]
-    ax.imshow(tile([imgs for _, imgs in panel.rows], lo, hi), aspect="auto", interpolation="nearest")
-    ax.set_yticks([r * (h + _PAD) + (h - 1) / 2 for r in range(len(panel.rows))], [lab for lab, _ in panel.rows])
+    pad = seam(h, w)
+    ax.imshow(tile([imgs for _, imgs in panel.rows], lo, hi, pad), aspect="auto", interpolation="nearest")
+    ax.set_yticks([r * (h + pad) + (h - 1) / 2 for r in range(len(panel.rows))], [lab for lab, _ in panel.rows])
     if panel.columns:
         ax.xaxis.tick_top()
         ax.set_xticks(
-            [c * (w + _PAD) + (w - 1) / 2 for c in range(len(panel.columns))],
+            [c * (w + pad) + (w - 1) / 2 for c in range(len(panel.columns))],
             panel.columns,
             rotation=90 if rotate else 0,
             fontsize=7,
@@ -151,19 +159,20 @@ def image_panels(
     flat = h == 1  # tabular rows are 1 x D strips: wider cells, a fixed strip height
     n_cols = max(len(imgs) for imgs in images)
     cell_w = min(3.0, 11.0 / n_cols) if flat else min(0.8, 11.0 / n_cols)
-    x_in, y_in = cell_w / (w + _PAD), (0.3 if flat else cell_w) / (h + _PAD)  # inches per pixel
+    pad = seam(h, w)
+    x_in, y_in = cell_w / (w + pad), (0.3 if flat else cell_w) / (h + pad)  # inches per pixel
     left = 0.25 + _label_inches([lab for panel in panels for lab, _ in panel.rows])
     layout = []  # per panel: inches above the grid (heading, column labels), grid height, inches below, rotated, caption
     for panel in panels:
         rotate = bool(panel.columns) and _label_inches(panel.columns or []) > 0.95 * cell_w
         col_in = 0.0 if not panel.columns else (_label_inches(panel.columns) if rotate else 0.18) + 0.06
-        grid_w = (max(len(imgs) for _, imgs in panel.rows) * (w + _PAD) - _PAD) * x_in
-        grid_h = (len(panel.rows) * (h + _PAD) - _PAD) * y_in
+        grid_w = (max(len(imgs) for _, imgs in panel.rows) * (w + pad) - pad) * x_in
+        grid_h = (len(panel.rows) * (h + pad) - pad) * y_in
         caption = textwrap.fill(panel.xlabel, max(int((grid_w + left) / _CHAR_IN), 30))  # fits under the grid
         below = 0.12 + (0.16 * (caption.count("\n") + 1) + 0.1 if caption else 0.0)
         layout.append(((0.28 if panel.heading else 0.05) + col_in, grid_w, grid_h, below, rotate, caption))
     top = 0.4
-    width = left + n_cols * (w + _PAD) * x_in + 0.2
+    width = left + n_cols * (w + pad) * x_in + 0.2
     height = top + sum(above + grid_h + below for above, _, grid_h, below, _, _ in layout)
     fig = Figure(figsize=(max(width, 0.09 * len(title) + 0.4), height))
     fw = fig.get_figwidth()

@@ -180,3 +180,8 @@ def test_tabular_rows_draw_as_labelled_strips(figures, tmp_path):
     (ax,) = figures[0].axes
     assert np.asarray(ax.images[0].get_array()).shape == (1, 4 * 17 - 1, 3)
     assert _labels(ax.get_xticklabels()) == ["#1", "#2", "#3", "#4"]
+
+
+def test_seams_grow_with_the_images_but_not_for_strips():
+    """A 1-pixel seam vanishes when 64 x 64 tiles are drawn at digit size; a strip's seam stays one pixel."""
+    assert variant_plots.seam(8, 8) == 1 and variant_plots.seam(64, 64) == 4 and variant_plots.seam(1, 64) == 1
