@@ -132,7 +132,8 @@ def _draw_panel(ax: Axes, panel: GridPanel, lo: float, hi: float, rotate: bool, 
         )
     else:
         ax.set_xticks([])
-    ax.tick_params(length=0, pad=2, labelsize=8)
+    ax.tick_params(length=0, pad=2)
+    ax.tick_params(axis="y", labelsize=8)  # the column labels keep their smaller size
     for spine in ax.spines.values():
         spine.set_visible(False)
     if panel.heading:
