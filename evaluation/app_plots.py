@@ -7,6 +7,7 @@ Picture keys are `<representation>/<name>`; every function returns None when the
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Callable
@@ -19,9 +20,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from .generation import traversals
 from .plots import save_figure
 from .report import representation_order
-from .variant_plots import as_images, image_grid
+from .variant_plots import GridPanel, as_images, image_grid, image_panels, numbered, value_range
 
 Pictures = dict[str, np.ndarray]
 _DPI = 80
@@ -53,39 +55,75 @@ def plot_reconstructions(pictures: Pictures, path: Path) -> Path | None:
     recon = _rows(by_name(pictures, "reconstructions"))
     if not recon or "inputs/originals" not in pictures:
         return None
-    return image_grid([("input", as_images(pictures["inputs/originals"])), *recon], path, "reconstructions")
+    originals = as_images(pictures["inputs/originals"])
+    return image_grid(
+        [("input", originals), *recon], path, "reconstructions", columns=numbered(len(originals)),
+        xlabel="test example", limits=value_range(originals),  # overshoots must not grey the inputs
+    )
 
 
 def plot_samples(pictures: Pictures, path: Path) -> Path | None:
     """Samples from each variant's prior (fitted priors for ae, dae and vq_vae)."""
     rows = _rows(by_name(pictures, "samples"), 12)
-    return image_grid(rows, path, "samples from the prior") if rows else None
+    if not rows:
+        return None
+    return image_grid(
+        rows, path, "samples from the prior", columns=numbered(max(len(imgs) for _, imgs in rows)),
+        xlabel="decoded draw from the model's prior; without one, from a Gaussian (vq: code frequencies) fitted to the "
+        "train codes",
+    )
 
 
 def plot_interpolations(pictures: Pictures, path: Path) -> Path | None:
     """Decoded interpolations between two test pairs per variant (spherical for Gaussian latents)."""
     rows = []
     for name, grid in by_name(pictures, "interpolations").items():  # (pairs, steps, *shape)
-        rows += [(f"{name} #{i + 1}", as_images(pair)) for i, pair in enumerate(grid[:2])]
-    return image_grid(rows, path, "interpolations between test pairs") if rows else None
+        rows += [(f"{name} pair {i + 1}", as_images(pair)) for i, pair in enumerate(grid[:2])]
+    if not rows:
+        return None
+    steps = max(len(imgs) for _, imgs in rows)
+    t = np.linspace(0.0, 1.0, steps)
+    columns = ["start (t=0)", *(f"t={v:.2f}" for v in t[1:-1]), "end (t=1)"] if steps > 1 else ["t=0"]
+    return image_grid(
+        rows, path, "interpolations between test pairs", columns=columns,
+        xlabel="z(t) from the start's code to the end's (spherical for Gaussian priors), decoded; "
+        "the ends are reconstructions",
+    )
 
 
 def plot_inpainting(pictures: Pictures, path: Path) -> Path | None:
-    """Per mask kind: the original, the observed part (hidden pixels white), and every method's fill."""
+    """One grid per mask kind: rows are test examples; columns the original, the observed part and every fill."""
     original = pictures.get("inputs/inpaint_original")
     if original is None:
         return None
     n = min(len(original), 6)
-    rows: list[tuple[str, np.ndarray]] = []
     kinds = sorted(k.removeprefix("inputs/inpaint_mask_") for k in pictures if k.startswith("inputs/inpaint_mask_"))
+    panels = []
     for kind in kinds:
-        mask = pictures[f"inputs/inpaint_mask_{kind}"][:n]
-        fills = _rows(by_name(pictures, f"inpaint_fill_{kind}"), n)
+        fills = by_name(pictures, f"inpaint_fill_{kind}")
         if not fills:
             continue
-        rows += [("original", as_images(original[:n])), (f"{kind} mask", as_images(np.where(mask > 0, original[:n], np.nan)))]
-        rows += [(f"{name}", imgs) for name, imgs in fills]
-    return image_grid(rows, path, "inpainting (" + ", ".join(kinds) + " masks)") if rows else None
+        observed = np.where(pictures[f"inputs/inpaint_mask_{kind}"][:n] > 0, original[:n], np.nan)
+        stack = [as_images(original[:n]), as_images(observed), *(as_images(f[:n]) for f in fills.values())]
+        cells = np.stack(stack, axis=1)  # (examples, columns, H, W[, 3]): one row per example
+        panels.append(
+            GridPanel(
+                [(f"example {i + 1}", row) for i, row in enumerate(cells)],
+                ["original", "masked", *fills],
+                heading=f"{kind} mask (hidden pixels orange)",
+            )
+        )
+    if not panels:
+        return None
+    # the data's range: one fill's outlier pixel must not grey every other picture
+    return image_panels(panels, path, "inpainting: each method fills the hidden pixels", limits=value_range(original))
+
+
+def traversal_offsets(steps: int) -> np.ndarray:
+    """The offsets (in units of the dimension's scale) that generation's traversals place their `steps` columns at."""
+    # the pictures keep no values: read them off the function that drew them, so the labels cannot drift
+    span = inspect.signature(traversals).parameters["span"].default
+    return np.linspace(-span, span, steps)
 
 
 def plot_traversals(pictures: Pictures, out_dir: Path) -> list[Path]:
@@ -97,7 +135,14 @@ def plot_traversals(pictures: Pictures, out_dir: Path) -> list[Path]:
             continue
         labels = dims.get(name, np.arange(len(grid)))
         rows = [(f"z_{int(d):03d}", as_images(g)) for d, g in zip(labels, grid, strict=False)]
-        made.append(image_grid(rows, out_dir / f"traversals_{name}.png", f"{name}: latent traversals"))
+        made.append(
+            image_grid(
+                rows, out_dir / f"traversals_{name}.png", f"{name}: latent traversals",
+                columns=[f"{o:+.2f}".rstrip("0").rstrip(".") for o in traversal_offsets(grid.shape[1])],
+                xlabel="z_d = centre + offset x scale: prior N(0, 1) for Gaussian-prior models (z_d = offset), "
+                "else train mean and std of z_d",
+            )
+        )
     return made
 
 
@@ -106,7 +151,14 @@ def plot_augmentation(pictures: Pictures, path: Path) -> Path | None:
     rows = []
     for name, grid in by_name(pictures, "augment_examples").items():  # (shots, 1 + neighbours, *shape)
         rows += [(f"{name} #{i + 1}", as_images(g)) for i, g in enumerate(grid[:2])]
-    return image_grid(rows, path, "augmentation: example, then generated neighbours") if rows else None
+    if not rows:
+        return None
+    neighbours = max(len(imgs) for _, imgs in rows) - 1
+    return image_grid(
+        rows, path, "augmentation: example, then generated neighbours",
+        columns=["example", *(f"n{i + 1}" for i in range(neighbours))],
+        xlabel="n1.. decoded from the example's code plus Gaussian noise (scaled by the train codes' std)",
+    )
 
 
 def plot_rate_distortion(results: pd.DataFrame, path: Path) -> Path | None:
@@ -136,8 +188,10 @@ def plot_kl_per_dim(pictures: Pictures, path: Path) -> Path | None:
     if not kls:
         return None
     fig = Figure(figsize=(3.2 * len(kls), 2.6))
+    ax0 = None
     for i, (name, kl) in enumerate(kls.items()):
-        ax = fig.add_subplot(1, len(kls), i + 1)
+        ax = fig.add_subplot(1, len(kls), i + 1, sharey=ax0)  # one scale: the panels are compared
+        ax0 = ax0 or ax
         order = np.argsort(-kl)
         ax.bar(np.arange(len(kl)), kl[order], color=f"C{i % 10}")
         ax.set_xticks(np.arange(len(kl)), [str(j) for j in order], fontsize=5)
@@ -146,6 +200,8 @@ def plot_kl_per_dim(pictures: Pictures, path: Path) -> Path | None:
         ax.tick_params(labelsize=6)
         if i == 0:
             ax.set_ylabel("mean KL [nats]", fontsize=8)
+        else:
+            ax.tick_params(labelleft=False)
     fig.tight_layout()
     return save_figure(fig, path, dpi=_DPI)
 
@@ -175,15 +231,21 @@ def plot_dci_importance(pictures: Pictures, path: Path) -> Path | None:
     factor_names = [str(f) for f in pictures.get("inputs/factor_names", [])]
     cols = min(4, len(mats))
     rows = math.ceil(len(mats) / cols)
-    fig = Figure(figsize=(2.6 * cols, 3.2 * rows))
+    fig = Figure(figsize=(2.6 * cols + 0.8, 3.2 * rows))
+    top = max(float(np.max(m)) for m in mats.values()) or 1.0  # one colour scale: the panels are compared
     for i, (name, m) in enumerate(mats.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
-        ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_xticks(np.arange(m.shape[1]), factor_names[: m.shape[1]] or None, fontsize=6, rotation=45)
+        image = ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0.0, vmax=top)
+        names = factor_names[: m.shape[1]] or [str(j) for j in range(m.shape[1])]
+        ax.set_xticks(np.arange(m.shape[1]), names, fontsize=6, rotation=45)
         ax.set_ylabel("latent dimension", fontsize=7)
         ax.tick_params(labelsize=6)
         ax.set_title(name, fontsize=9)
-    fig.tight_layout()
+    fw = fig.get_figwidth()
+    fig.tight_layout(rect=(0, 0, 1 - 0.8 / fw, 1))
+    bar = fig.colorbar(image, cax=fig.add_axes((1 - 0.6 / fw, 0.15, 0.12 / fw, 0.7)))
+    bar.set_label("importance", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     return save_figure(fig, path, dpi=_DPI)
 
 

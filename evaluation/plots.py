@@ -14,10 +14,13 @@ import math
 import os
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.legend import Legend
+from matplotlib.lines import Line2D
 
 from ae_repr.config import EvalConfig
 from ae_repr.io import FeatureFile, atomic_path
@@ -27,11 +30,14 @@ from .inputs import single_thread, subsample
 log = logging.getLogger(__name__)
 
 FEWSHOT_ARMS = ("fewshot_frozen", "fewshot_finetune", "fewshot_scratch")
+METHOD_NAMES = {"tsne": "t-SNE", "umap": "UMAP"}
+MAX_LEGEND_CLASSES = 20  # above this a legend is a wall of text; colours cycle and the legend is left out
 _DPI = 100
 
 
 def embed_2d(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFrame | None:
-    """2-D coordinates (`sample_id`, `label`, `x`, `y`) of a bounded test subsample, or None when disabled."""
+    """2-D coordinates (`sample_id`, `label`, `x`, `y`, and the `method` used) of a bounded test subsample, or None
+    when disabled."""
     if cfg.map_method == "none":
         return None
     rows = subsample(ff, "test", cfg.map_max_rows, seed)
@@ -61,6 +67,8 @@ def embed_2d(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFrame
             "label": ff.frame["label"].iloc[rows].astype("Int64").reset_index(drop=True),
             "x": xy[:, 0].astype(np.float32),
             "y": xy[:, 1].astype(np.float32),
+            # the method actually used (umap falls back to tsne), for the figure to name
+            "method": method,
         }
     )
 
@@ -73,33 +81,54 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = _DPI) -> P
     return Path(path)
 
 
+def class_colours(classes: list[int]) -> dict[int, tuple[float, float, float, float]]:
+    """One fixed colour per class (tab10 up to 10 classes, else tab20, cycling), the same in every panel."""
+    cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
+    return {c: cmap(i % cmap.N) for i, c in enumerate(classes)}
+
+
+def class_legend(fig: Figure, colours: dict[int, tuple[float, float, float, float]]) -> Legend | None:
+    """A figure legend with one marker per class, right of the panels; None for too many classes."""
+    if not colours or len(colours) > MAX_LEGEND_CLASSES:
+        return None
+    handles = [Line2D([], [], ls="", marker="o", ms=5, color=col, label=str(c)) for c, col in colours.items()]
+    return fig.legend(
+        handles=handles, title="label", loc="center right", fontsize=7, title_fontsize=8, frameon=False
+    )
+
+
+def map_method(maps: dict[str, pd.DataFrame]) -> str:
+    """The embedding method(s) the maps were made with, as readers know them."""
+    found = sorted({str(m) for frame in maps.values() if "method" in frame for m in frame["method"].unique()})
+    return ", ".join(METHOD_NAMES.get(m, m) for m in found) or "method not recorded"
+
+
 def plot_latent_maps(maps: dict[str, pd.DataFrame], path: str | os.PathLike[str]) -> Path | None:
-    """One grid figure of 2-D maps, one panel per representation, coloured by label."""
+    """One grid figure of 2-D maps, one panel per representation, coloured by label with one class legend."""
     if not maps:
         return None
     n = len(maps)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(2.6 * cols, 2.6 * rows))
+    labels = {name: pd.to_numeric(m["label"], errors="coerce") for name, m in maps.items()}
+    labelled = all(lab.notna().all() for lab in labels.values())
+    classes = sorted({int(c) for lab in labels.values() for c in lab.unique()}) if labelled else []
+    colours = class_colours(classes)
+    legend_in = 0.9 if 0 < len(colours) <= MAX_LEGEND_CLASSES else 0.0
+    fig = Figure(figsize=(2.6 * cols + legend_in, 2.6 * rows + 0.4))
     for i, (name, m) in enumerate(sorted(maps.items())):
         ax = fig.add_subplot(rows, cols, i + 1)
-        lab = pd.to_numeric(m["label"], errors="coerce")
-        if lab.notna().all():
-            n_classes = lab.nunique()
-            ax.scatter(
-                m["x"],
-                m["y"],
-                c=lab.to_numpy(dtype=float),
-                s=3,
-                cmap="tab10" if n_classes <= 10 else "tab20",
-                linewidths=0,
-            )
+        if labelled:
+            ax.scatter(m["x"], m["y"], c=[colours[int(c)] for c in labels[name]], s=3, linewidths=0)
         else:
             ax.scatter(m["x"], m["y"], s=3, color="0.4", linewidths=0)
         ax.set_title(name, fontsize=9)
-        ax.set_xticks([])
+        ax.set_xticks([])  # embedding coordinates have no units worth reading
         ax.set_yticks([])
-    fig.tight_layout()
+    method = map_method(maps)
+    fig.suptitle(f"test codes embedded in 2-D ({method}), coloured by label", fontsize=10)
+    class_legend(fig, colours)
+    fig.tight_layout(rect=(0, 0, 1 - legend_in / fig.get_figwidth(), 1 - 0.15 / fig.get_figheight()))
     return save_figure(fig, path, dpi=80)  # many panels: keep the file small
 
 

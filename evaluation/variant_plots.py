@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ae_repr.checkpoint import LoadedModel, load_model
@@ -22,13 +24,17 @@ from ae_repr.io import FeatureFile, read_features, read_json
 from ae_repr.models import Prior
 
 from .inputs import dataset_of, model_dir, split_mask
-from .plots import save_figure
+from .plots import MAX_LEGEND_CLASSES, class_colours, class_legend, save_figure
 
 log = logging.getLogger(__name__)
 
 HISTORY = "history.json"
 _DPI = 80
 _MAP_ROWS = 2000  # points in the latent map: enough to see structure, cheap to draw
+GAP_RGB = (0.30, 0.34, 0.42)  # slate seams: visible on black and on white backgrounds, never a gray-map pixel
+HIDDEN_RGB = (0.95, 0.55, 0.10)  # NaN pixels (hidden by an inpainting mask)
+_PAD_SHARE = 1 / 16  # seam width as a share of a tile's larger side (1 pixel for 8 x 8 digits, 4 for 64 x 64)
+_CHAR_IN = 0.065  # width of one 8-point character, inches: margins sized to the labels, no tight_layout
 
 
 def plot_loss_curves(
@@ -70,37 +76,138 @@ def as_images(x: np.ndarray) -> np.ndarray:
     return x.reshape(len(x), 1, -1)  # (N, 1, D)
 
 
-def _mosaic(imgs: np.ndarray, pad: int = 1) -> np.ndarray:
-    """Images side by side with `pad` columns of NaN (drawn white) between them, (H, n * (W + pad) - pad[, 3])."""
-    n, h, w = imgs.shape[:3]
-    out = np.full((h, n * (w + pad) - pad, *imgs.shape[3:]), np.nan, dtype=np.float32)
-    for i, img in enumerate(imgs):
-        out[:, i * (w + pad) : i * (w + pad) + w] = img
+@dataclass(frozen=True)
+class GridPanel:
+    """One tiled image grid: labelled rows of images, optional column labels, a heading and an axis caption."""
+
+    rows: list[tuple[str, np.ndarray]]
+    columns: list[str] | None = None
+    heading: str = ""
+    xlabel: str = ""
+
+
+def seam(h: int, w: int) -> int:
+    """Pixels between tiles of h x w images: thin, and still visible when large images are drawn smaller."""
+    if min(h, w) == 1:  # 1 x D strips of tabular rows: a wider seam would dwarf the strip's one pixel row
+        return 1
+    return max(1, round(_PAD_SHARE * max(h, w)))
+
+
+def tile(rows: list[np.ndarray], lo: float, hi: float, pad: int = 1) -> np.ndarray:
+    """Rows of images (n_i, H, W[, 3]) as one RGB array in [0, 1], (R * (H + pad) - pad, C * (W + pad) - pad, 3).
+
+    Every tile maps [lo, hi] to [0, 1]; the `pad`-pixel seams and missing cells of short rows are GAP_RGB,
+    NaN pixels HIDDEN_RGB.
+    """
+    h, w = rows[0].shape[1:3]
+    cols = max(len(r) for r in rows)
+    out = np.empty((len(rows) * (h + pad) - pad, cols * (w + pad) - pad, 3), dtype=np.float32)
+    out[:] = GAP_RGB
+    for r, imgs in enumerate(rows):
+        x = (np.asarray(imgs, dtype=np.float32) - lo) / (hi - lo or 1.0)
+        rgb = x if x.ndim == 4 else np.repeat(x[..., None], 3, axis=-1)  # (n, H, W, 3)
+        rgb = np.where(np.isnan(rgb), np.asarray(HIDDEN_RGB, dtype=np.float32), np.clip(rgb, 0.0, 1.0))
+        for c, img in enumerate(rgb):
+            out[r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = img
     return out
 
 
-def image_grid(rows: list[tuple[str, np.ndarray]], path: str | os.PathLike[str], title: str) -> Path:
-    """Images in labelled rows on one shared intensity range, drawn as one mosaic per row (cheap to render)."""
-    lo = min(float(np.nanmin(imgs)) for _, imgs in rows)
-    hi = max(float(np.nanmax(imgs)) for _, imgs in rows)
-    flat = rows[0][1].shape[1] == 1  # tabular rows are 1 x D strips
-    n = max(len(imgs) for _, imgs in rows)
-    fig = Figure(figsize=(min(1.0 * n, 12.0), (0.5 if flat else 1.1) * len(rows) + 0.5))
-    for r, (label, imgs) in enumerate(rows):
-        ax = fig.add_subplot(len(rows), 1, r + 1)
-        tile = imgs[:, 0].astype(np.float32) if flat else _mosaic(imgs.astype(np.float32))  # flat: (n, D)
-        if tile.ndim == 3:  # RGB
-            ax.imshow(np.clip((np.nan_to_num(tile, nan=hi) - lo) / (hi - lo or 1.0), 0, 1))
-        else:
-            cmap = matplotlib.colormaps["gray"].with_extremes(bad="white")
-            ax.imshow(
-                tile, cmap=cmap, vmin=lo, vmax=hi, aspect="auto" if flat else "equal", interpolation="nearest"
-            )
+def _label_inches(labels: list[str]) -> float:
+    return _CHAR_IN * max((len(s) for s in labels), default=0)
+
+
+def _draw_panel(ax: Axes, panel: GridPanel, lo: float, hi: float, rotate: bool, xlabel: str) -> None:
+    """One imshow of the panel's tiled array, rows labelled on the left and columns on top."""
+    h, w = panel.rows[0][1].shape[1:3]
+    pad = seam(h, w)
+    ax.imshow(tile([imgs for _, imgs in panel.rows], lo, hi, pad), aspect="auto", interpolation="nearest")
+    ax.set_yticks([r * (h + pad) + (h - 1) / 2 for r in range(len(panel.rows))], [lab for lab, _ in panel.rows])
+    if panel.columns:
+        ax.xaxis.tick_top()
+        ax.set_xticks(
+            [c * (w + pad) + (w - 1) / 2 for c in range(len(panel.columns))],
+            panel.columns,
+            rotation=90 if rotate else 0,
+            fontsize=7,
+        )
+    else:
         ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(label, fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    ax.tick_params(length=0, pad=2)
+    ax.tick_params(axis="y", labelsize=8)  # the column labels keep their smaller size
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if panel.heading:
+        ax.set_title(panel.heading, fontsize=9)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=8)
+
+
+def image_panels(
+    panels: list[GridPanel],
+    path: str | os.PathLike[str],
+    title: str,
+    *,
+    limits: tuple[float, float] | None = None,
+) -> Path:
+    """Tiled image grids stacked in one figure on one shared intensity range (`limits`, else all pixels'), laid out
+    in inches from their labels."""
+    images = [imgs for panel in panels for _, imgs in panel.rows]
+    lo, hi = limits or (
+        min(float(np.nanmin(imgs)) for imgs in images),
+        max(float(np.nanmax(imgs)) for imgs in images),
+    )
+    h, w = images[0].shape[1:3]
+    flat = h == 1  # tabular rows are 1 x D strips: wider cells, a fixed strip height
+    n_cols = max(len(imgs) for imgs in images)
+    cell_w = min(3.0, 11.0 / n_cols) if flat else min(0.8, 11.0 / n_cols)
+    pad = seam(h, w)
+    x_in, y_in = cell_w / (w + pad), (0.3 if flat else cell_w) / (h + pad)  # inches per pixel
+    left = 0.25 + _label_inches([lab for panel in panels for lab, _ in panel.rows])
+    layout = []  # per panel: inches above the grid (heading, column labels), grid height, inches below, rotated, caption
+    for panel in panels:
+        rotate = bool(panel.columns) and _label_inches(panel.columns or []) > 0.95 * cell_w
+        col_in = 0.0 if not panel.columns else (_label_inches(panel.columns) if rotate else 0.18) + 0.06
+        grid_w = (max(len(imgs) for _, imgs in panel.rows) * (w + pad) - pad) * x_in
+        grid_h = (len(panel.rows) * (h + pad) - pad) * y_in
+        caption = textwrap.fill(panel.xlabel, max(int((grid_w + left) / _CHAR_IN), 30))  # fits under the grid
+        below = 0.12 + (0.16 * (caption.count("\n") + 1) + 0.1 if caption else 0.0)
+        layout.append(((0.28 if panel.heading else 0.05) + col_in, grid_w, grid_h, below, rotate, caption))
+    top = 0.4
+    width = left + n_cols * (w + pad) * x_in + 0.2
+    height = top + sum(above + grid_h + below for above, _, grid_h, below, _, _ in layout)
+    fig = Figure(figsize=(max(width, 0.09 * len(title) + 0.4), height))
+    fw = fig.get_figwidth()
+    fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
+    y = height - top
+    for panel, (above, grid_w, grid_h, below, rotate, caption) in zip(panels, layout, strict=True):
+        y -= above + grid_h
+        ax = fig.add_axes((left / fw, y / height, grid_w / fw, grid_h / height))
+        _draw_panel(ax, panel, lo, hi, rotate, caption)
+        y -= below
     return save_figure(fig, path, dpi=_DPI)
+
+
+def value_range(x: np.ndarray) -> tuple[float, float]:
+    """(min, max) of the finite values: the data's own range, which fills and decodings are shown on."""
+    return float(np.nanmin(x)), float(np.nanmax(x))
+
+
+def numbered(n: int) -> list[str]:
+    """Column labels `#1` .. `#n`."""
+    return [f"#{i + 1}" for i in range(n)]
+
+
+def image_grid(
+    rows: list[tuple[str, np.ndarray]],
+    path: str | os.PathLike[str],
+    title: str,
+    *,
+    columns: list[str] | None = None,
+    xlabel: str = "",
+    limits: tuple[float, float] | None = None,
+) -> Path:
+    """One labelled image grid (rows of images on one shared intensity range) as a figure."""
+    return image_panels([GridPanel(rows, columns, xlabel=xlabel)], path, title, limits=limits)
 
 
 @torch.inference_mode()
@@ -112,7 +219,12 @@ def plot_reconstructions(
     xt = torch.from_numpy(x).reshape(-1, *loaded.model.input_shape)  # (B, *input_shape)
     recon = loaded.model.reconstruct(xt).float().numpy().reshape(x.shape)
     return image_grid(
-        [("input", as_images(x)), ("recon", as_images(recon))], path, f"{loaded.variant}: reconstructions"
+        [("input", as_images(x)), ("reconstruction", as_images(recon))],
+        path,
+        f"{loaded.variant}: reconstructions",
+        columns=numbered(len(x)),
+        xlabel="test example (normalized data space)",
+        limits=value_range(x),  # the data's range: a reconstruction's overshoot must not grey the inputs
     )
 
 
@@ -126,8 +238,8 @@ def plot_prior_samples(
     samples = loaded.model.sample(n, generator=torch.Generator().manual_seed(seed)).float().numpy()
     imgs = as_images(samples)
     per_row = 8
-    rows = [("samples", imgs[i : i + per_row]) for i in range(0, len(imgs), per_row)]
-    return image_grid(rows, path, f"{loaded.variant}: samples from the prior")
+    rows = [(f"draws {i + 1}-{i + len(imgs[i : i + per_row])}", imgs[i : i + per_row]) for i in range(0, len(imgs), per_row)]
+    return image_grid(rows, path, f"{loaded.variant}: samples from the prior", xlabel=f"decoded draws z ~ p(z), seed {seed}")
 
 
 def plot_latent_map(
@@ -140,25 +252,30 @@ def plot_latent_map(
     rows = np.random.default_rng(seed).permutation(len(z))[:_MAP_ROWS]
     z = z[rows]
     if z.shape[1] == 1:
-        xy, axes = np.column_stack([z[:, 0], np.zeros(len(z))]), ("z_000", "")
+        xy, axes, method = np.column_stack([z[:, 0], np.zeros(len(z))]), ("z_000", ""), "as is"
     elif z.shape[1] == 2:
-        xy, axes = z, ("z_000", "z_001")
+        xy, axes, method = z, ("z_000", "z_001"), "as is"
     else:
         zc = z - z.mean(axis=0)
         _, s, vt = np.linalg.svd(zc, full_matrices=False)  # principal axes: cheap and deterministic
         xy = zc @ vt[:2].T
         share = s[:2] ** 2 / max(float((s**2).sum()), 1e-12)
-        axes = (f"PC1 ({share[0]:.0%})", f"PC2 ({share[1]:.0%})")
-    fig = Figure(figsize=(4.0, 3.8))
-    fig.subplots_adjust(left=0.19, right=0.97, bottom=0.12, top=0.92)  # fixed margins: tight_layout costs more
-    ax = fig.add_subplot(1, 1, 1)
+        axes = (f"PC1 ({share[0]:.0%} of variance)", f"PC2 ({share[1]:.0%} of variance)")
+        method = "PCA"
     lab = None if labels is None else np.asarray(labels)[rows]
-    if lab is not None and not np.any(lab < 0):
-        classes = np.unique(lab)
-        cmap = "tab10" if len(classes) <= 10 else "tab20"
-        ax.scatter(xy[:, 0], xy[:, 1], c=lab, s=4, cmap=cmap, linewidths=0)
-        if len(classes) <= 20:  # each class named at its median point: cheaper and clearer than a colorbar
-            for c in classes:
+    if lab is not None and np.any(lab < 0):  # a missing label (-1) leaves the map uncoloured
+        lab = None
+    colours = {} if lab is None else class_colours(sorted(int(c) for c in np.unique(lab)))
+    legend_in = 0.7 if 0 < len(colours) <= MAX_LEGEND_CLASSES else 0.0
+    fig = Figure(figsize=(4.0 + legend_in, 3.8))
+    fw = fig.get_figwidth()  # fixed margins: tight_layout costs more
+    fig.subplots_adjust(left=0.76 / fw, right=1 - (0.12 + legend_in) / fw, bottom=0.12, top=0.92)
+    ax = fig.add_subplot(1, 1, 1)
+    if lab is not None:
+        ax.scatter(xy[:, 0], xy[:, 1], c=[colours[int(c)] for c in lab], s=4, linewidths=0)
+        class_legend(fig, colours)
+        if len(colours) <= MAX_LEGEND_CLASSES:  # each class also named at its median point: where it sits
+            for c in colours:
                 mx, my = np.median(xy[lab == c], axis=0)
                 ax.text(mx, my, str(c), fontsize=9, weight="bold", ha="center", va="center",
                         bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
@@ -167,7 +284,7 @@ def plot_latent_map(
     ax.set_xlabel(axes[0], fontsize=8)
     ax.set_ylabel(axes[1], fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.set_title(title or "latent map", fontsize=10)
+    ax.set_title(f"{title or 'latent map'} ({method})", fontsize=10)
     return save_figure(fig, path, dpi=_DPI)
 
 
