@@ -55,6 +55,48 @@ def _train_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-dim", type=int, metavar="K", help="representation width (overrides models.latent_dim)")
 
 
+def application_names() -> tuple[str, ...]:
+    """The application tasks `eval.applications` accepts, in the config's order."""
+    from typing import get_args
+
+    from .config import EvalConfig
+
+    item = get_args(EvalConfig.model_fields["applications"].annotation)[0]  # tuple[Literal[...], ...]
+    return get_args(item)
+
+
+def parse_applications(value: str) -> tuple[str, ...]:
+    """`--applications`: a comma list of application tasks, or `none`; an unknown name is a usage error."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if [n.lower() for n in names] == ["none"]:
+        return ()
+    if "none" in (n.lower() for n in names):
+        raise argparse.ArgumentTypeError(f"{value}: none stands alone, not beside tasks")
+    known = application_names()
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{','.join(unknown) or repr(value)}: not an application task; choose "
+                                         f"from {','.join(known)} or none")
+    return tuple(dict.fromkeys(names))  # in the given order, each once
+
+
+def _applications_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--applications", type=parse_applications, metavar="a,b,..|none",
+                   help="application tasks to run, overriding eval.applications: a comma list of anomaly, "
+                   "inpainting, generation, augmentation, rate_distortion, disentanglement, or none")
+
+
+def with_applications(cfg: ExperimentConfig, applications: tuple[str, ...] | None) -> ExperimentConfig:
+    """`cfg` with `eval.applications` replaced when --applications was given."""
+    if applications is None:
+        return cfg
+    from .config import ExperimentConfig
+
+    d = cfg.model_dump()
+    d["eval"]["applications"] = applications
+    return ExperimentConfig.model_validate(d)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     from .variants import variant_names
@@ -75,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", metavar="a,b,..", help=f"comma-separated subset of: {','.join(names)}")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<dataset>)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    _applications_opt(p)
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress display and no informational lines; warnings, errors and the outputs remain")
     _common(p)
@@ -105,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True, metavar="DIR/features", help="folder of feature Parquet files")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory for eval/, summary, report, plots")
     p.add_argument("--config", metavar="FILE", help="experiment YAML whose eval section is used")
+    _applications_opt(p)
     _common(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -212,7 +256,7 @@ def _cmd_evaluate(args: argparse.Namespace, created: list[Path]) -> int:
 
     from .config import load_config
 
-    cfg = load_config(args.config)
+    cfg = with_applications(load_config(args.config), args.applications)
     features = Path(args.features)
     if not features.is_dir():
         raise UserError(f"--features {args.features}: not a folder")
@@ -222,8 +266,19 @@ def _cmd_evaluate(args: argparse.Namespace, created: list[Path]) -> int:
     return 0
 
 
+def _check_dataset(spec: str) -> None:
+    """Reject a data set spec that names nothing, without loading it (no temporary API is booted for it)."""
+    from .data import parse_dataset_spec
+    from .errors import DataError
+
+    parsed = parse_dataset_spec(spec)
+    if parsed.path is not None and not parsed.path.exists():
+        raise DataError(f"{parsed.path}: {'no such directory' if parsed.kind == 'idx' else 'no such file'}")
+
+
 def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
-    cfg = _load_cfg(args)
+    cfg = with_applications(_load_cfg(args), args.applications)
+    _check_dataset(cfg.data.dataset)
     if args.no_tracking:
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
     if cfg.tracking.enabled:  # an unreachable MLflow fails now, before any folder or training
