@@ -161,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_cmd_compare)
 
+    p = sub.add_parser("report", help="write DIR/report.md and DIR/verdict.md again from DIR/summary.parquet",
+                       description="Re-render a run directory's report.md and verdict.md from its summary.parquet, "
+                       "result notes and plots, with the eval settings of its config.json (else --config, else the "
+                       "defaults). Nothing is evaluated again.")
+    p.add_argument("dir", metavar="DIR", help="a run directory holding summary.parquet")
+    p.add_argument("--config", metavar="FILE", help="experiment YAML for a DIR without config.json")
+    _common(p)
+    p.set_defaults(func=_cmd_report)
+
     p = sub.add_parser("log-run", help="upload a finished run directory to MLflow",
                        description="Upload a run directory written by `ae-repr run` (tracking off, or MLflow down "
                        "mid-run: see OUT/tracking_pending.json) with everything a live run records: parent and "
@@ -390,6 +399,31 @@ def _cmd_compare(args: argparse.Namespace, created: list[Path]) -> int:
         print(f"csv:     {csv}")
     if result.ui_url:
         print(f"mlflow:  {result.ui_url}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, created: list[Path]) -> int:
+    from .config import load_config, validate_config
+    from .io import read_json
+
+    out = Path(args.dir).expanduser()
+    summary = out / "summary.parquet"
+    if not summary.is_file():
+        raise UserError(f"{args.dir}: no summary.parquet there; not a run directory")
+    if not os.access(out, os.W_OK):
+        raise UserError(f"{args.dir}: not writable")
+    try:
+        import pyarrow.parquet as pq
+
+        pq.read_schema(summary)
+        cfg = (validate_config(read_json(out / "config.json"), source=str(out / "config.json"))
+               if (out / "config.json").is_file() else load_config(args.config))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{args.dir}: cannot read its run files ({e.__class__.__name__}: {e})") from None
+    from evaluation import rerender_report
+
+    report = rerender_report(out, cfg.eval)
+    print(f"report:  {report}")
     return 0
 
 
