@@ -152,11 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("compare", help="variants x headline metrics across recent runs, from MLflow",
+    p = sub.add_parser("compare", help="variants and baselines x headline metrics across recent runs, from MLflow",
                        description="Read the last N pretrain-and-probe runs back from MLflow (MLFLOW_TRACKING_URI, "
-                       "else the local SQLite store) and print one row per variant and run with its headline metrics.")
+                       "else the local SQLite store) and print one row per variant or baseline and run with its data "
+                       "set and headline metrics, each with its 95% interval where one was logged.")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: pretrain-and-probe)")
     p.add_argument("--last", type=int, default=5, metavar="N", help="how many recent flow runs (default 5)")
+    p.add_argument("--dataset", metavar="D", help="only runs on this data set (as given to --dataset)")
+    p.add_argument("--wide", action="store_true", help="every column, even where the terminal is narrower")
+    p.add_argument("--format", choices=("table", "csv"), default="table",
+                   help="table (default) or csv: the table with every number and run id as CSV on stdout")
     p.add_argument("--csv", metavar="FILE", help="also write the table (with run ids) as CSV")
     _common(p)
     p.set_defaults(func=_cmd_compare)
@@ -388,17 +393,23 @@ def _cmd_compare(args: argparse.Namespace, created: list[Path]) -> int:
     from flows.tracking import compare_runs, format_table
 
     experiment = args.experiment or TrackingConfig().experiment
-    result = compare_runs(experiment, args.last)
+    result = compare_runs(experiment, args.last, dataset=args.dataset)
+    to_csv = args.format == "csv"  # stdout then holds the CSV alone; the other lines go to stderr
+    say = (lambda line: print(line, file=sys.stderr)) if to_csv else print
     if result.table.empty:
-        print(f"no pretrain-and-probe runs in MLflow experiment {experiment!r}")
+        on = f" on data set {args.dataset!r}" if args.dataset else ""
+        say(f"no pretrain-and-probe runs{on} in MLflow experiment {experiment!r}")
         return 0
-    print(format_table(result.table))
+    if to_csv:
+        result.table.to_csv(sys.stdout, index=False)
+    else:
+        print(format_table(result.table, width=None if args.wide else shutil.get_terminal_size().columns))
     if csv is not None:
         with atomic_path(csv) as tmp:
             result.table.to_csv(tmp, index=False)
-        print(f"csv:     {csv}")
+        say(f"csv:     {csv}")
     if result.ui_url:
-        print(f"mlflow:  {result.ui_url}")
+        say(f"mlflow:  {result.ui_url}")
     return 0
 
 

@@ -278,7 +278,10 @@ def test_compare_reads_runs_back(tracked, tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "linear_probe_accuracy" in text and " vae " in text.replace("│", " ")
     table = pd.read_csv(csv)
-    assert set(table["variant"]) == set(VARIANTS) and table["eval/linear_probe_accuracy"].notna().all()
+    assert set(table.loc[table["kind"] == "variant", "representation"]) == set(VARIANTS)
+    assert "pca" in set(table.loc[table["kind"] == "baseline", "representation"])  # baselines beside the variants
+    assert table["eval/linear_probe_accuracy"].notna().all()
+    assert table["eval/linear_probe_accuracy/ci_low"].notna().all()  # the intervals were logged too
     assert main(["compare", "--experiment", "no-such-experiment"]) == 2
     assert "no MLflow experiment named 'no-such-experiment'" in capsys.readouterr().err
     assert main(["compare", "--last", "0"]) == 2
