@@ -116,6 +116,9 @@ def test_parent_run(tracked):
     for v in VARIANTS:
         assert parent.data.metrics[f"{v}/linear_probe_accuracy"] == pytest.approx(probe.loc[v, "value"])
     assert parent.data.metrics["best_linear_probe_accuracy"] == max(probe.loc[list(VARIANTS), "value"])
+    # the baselines' headline numbers with their intervals, for `ae-repr compare`
+    assert parent.data.metrics["baseline/pca/linear_probe_accuracy"] == pytest.approx(probe.loc["pca", "value"])
+    assert parent.data.metrics["baseline/pca/linear_probe_accuracy/ci_low"] == pytest.approx(probe.loc["pca", "ci_low"])
     assert parent.data.params["train.epochs"] == str(EPOCHS)
     where = read_json(out / "tracking.json")  # what `ae-repr run` prints the parent run's address from
     assert where["parent_run_id"] == parent.info.run_id and where["experiment"] == exp.name
