@@ -55,6 +55,48 @@ def _train_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-dim", type=int, metavar="K", help="representation width (overrides models.latent_dim)")
 
 
+def application_names() -> tuple[str, ...]:
+    """The application tasks `eval.applications` accepts, in the config's order."""
+    from typing import get_args
+
+    from .config import EvalConfig
+
+    item = get_args(EvalConfig.model_fields["applications"].annotation)[0]  # tuple[Literal[...], ...]
+    return get_args(item)
+
+
+def parse_applications(value: str) -> tuple[str, ...]:
+    """`--applications`: a comma list of application tasks, or `none`; an unknown name is a usage error."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if [n.lower() for n in names] == ["none"]:
+        return ()
+    if "none" in (n.lower() for n in names):
+        raise argparse.ArgumentTypeError(f"{value}: none stands alone, not beside tasks")
+    known = application_names()
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{','.join(unknown) or repr(value)}: not an application task; choose "
+                                         f"from {','.join(known)} or none")
+    return tuple(dict.fromkeys(names))  # in the given order, each once
+
+
+def _applications_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--applications", type=parse_applications, metavar="a,b,..|none",
+                   help="application tasks to run, overriding eval.applications: a comma list of anomaly, "
+                   "inpainting, generation, augmentation, rate_distortion, disentanglement, or none")
+
+
+def with_applications(cfg: ExperimentConfig, applications: tuple[str, ...] | None) -> ExperimentConfig:
+    """`cfg` with `eval.applications` replaced when --applications was given."""
+    if applications is None:
+        return cfg
+    from .config import ExperimentConfig
+
+    d = cfg.model_dump()
+    d["eval"]["applications"] = applications
+    return ExperimentConfig.model_validate(d)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     from .variants import variant_names
@@ -75,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", metavar="a,b,..", help=f"comma-separated subset of: {','.join(names)}")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<dataset>)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    _applications_opt(p)
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress display and no informational lines; warnings, errors and the outputs remain")
     _common(p)
@@ -105,17 +148,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True, metavar="DIR/features", help="folder of feature Parquet files")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory for eval/, summary, report, plots")
     p.add_argument("--config", metavar="FILE", help="experiment YAML whose eval section is used")
+    _applications_opt(p)
     _common(p)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("compare", help="variants x headline metrics across recent runs, from MLflow",
+    p = sub.add_parser("compare", help="variants and baselines x headline metrics across recent runs, from MLflow",
                        description="Read the last N pretrain-and-probe runs back from MLflow (MLFLOW_TRACKING_URI, "
-                       "else the local SQLite store) and print one row per variant and run with its headline metrics.")
+                       "else the local SQLite store) and print one row per variant or baseline and run with its data "
+                       "set and headline metrics, each with its 95% interval where one was logged.")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: pretrain-and-probe)")
     p.add_argument("--last", type=int, default=5, metavar="N", help="how many recent flow runs (default 5)")
+    p.add_argument("--dataset", metavar="D", help="only runs on this data set (as given to --dataset)")
+    p.add_argument("--wide", action="store_true", help="every column, even where the terminal is narrower")
+    p.add_argument("--format", choices=("table", "csv"), default="table",
+                   help="table (default) or csv: the table with every number and run id as CSV on stdout")
     p.add_argument("--csv", metavar="FILE", help="also write the table (with run ids) as CSV")
     _common(p)
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("report", help="write DIR/report.md and DIR/verdict.md again from DIR/summary.parquet",
+                       description="Re-render a run directory's report.md and verdict.md from its summary.parquet, "
+                       "result notes and plots, with the eval settings of its config.json (else --config, else the "
+                       "defaults). Nothing is evaluated again.")
+    p.add_argument("dir", metavar="DIR", help="a run directory holding summary.parquet")
+    p.add_argument("--config", metavar="FILE", help="experiment YAML for a DIR without config.json")
+    _common(p)
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("log-run", help="upload a finished run directory to MLflow",
                        description="Upload a run directory written by `ae-repr run` (tracking off, or MLflow down "
@@ -212,7 +270,7 @@ def _cmd_evaluate(args: argparse.Namespace, created: list[Path]) -> int:
 
     from .config import load_config
 
-    cfg = load_config(args.config)
+    cfg = with_applications(load_config(args.config), args.applications)
     features = Path(args.features)
     if not features.is_dir():
         raise UserError(f"--features {args.features}: not a folder")
@@ -222,8 +280,19 @@ def _cmd_evaluate(args: argparse.Namespace, created: list[Path]) -> int:
     return 0
 
 
+def _check_dataset(spec: str) -> None:
+    """Reject a data set spec that names nothing, without loading it (no temporary API is booted for it)."""
+    from .data import parse_dataset_spec
+    from .errors import DataError
+
+    parsed = parse_dataset_spec(spec)
+    if parsed.path is not None and not parsed.path.exists():
+        raise DataError(f"{parsed.path}: {'no such directory' if parsed.kind == 'idx' else 'no such file'}")
+
+
 def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
-    cfg = _load_cfg(args)
+    cfg = with_applications(_load_cfg(args), args.applications)
+    _check_dataset(cfg.data.dataset)
     if args.no_tracking:
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
     if cfg.tracking.enabled:  # an unreachable MLflow fails now, before any folder or training
@@ -324,17 +393,48 @@ def _cmd_compare(args: argparse.Namespace, created: list[Path]) -> int:
     from flows.tracking import compare_runs, format_table
 
     experiment = args.experiment or TrackingConfig().experiment
-    result = compare_runs(experiment, args.last)
+    result = compare_runs(experiment, args.last, dataset=args.dataset)
+    to_csv = args.format == "csv"  # stdout then holds the CSV alone; the other lines go to stderr
+    say = (lambda line: print(line, file=sys.stderr)) if to_csv else print
     if result.table.empty:
-        print(f"no pretrain-and-probe runs in MLflow experiment {experiment!r}")
+        on = f" on data set {args.dataset!r}" if args.dataset else ""
+        say(f"no pretrain-and-probe runs{on} in MLflow experiment {experiment!r}")
         return 0
-    print(format_table(result.table))
+    if to_csv:
+        result.table.to_csv(sys.stdout, index=False)
+    else:
+        print(format_table(result.table, width=None if args.wide else shutil.get_terminal_size().columns))
     if csv is not None:
         with atomic_path(csv) as tmp:
             result.table.to_csv(tmp, index=False)
-        print(f"csv:     {csv}")
+        say(f"csv:     {csv}")
     if result.ui_url:
-        print(f"mlflow:  {result.ui_url}")
+        say(f"mlflow:  {result.ui_url}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, created: list[Path]) -> int:
+    from .config import load_config, validate_config
+    from .io import read_json
+
+    out = Path(args.dir).expanduser()
+    summary = out / "summary.parquet"
+    if not summary.is_file():
+        raise UserError(f"{args.dir}: no summary.parquet there; not a run directory")
+    if not os.access(out, os.W_OK):
+        raise UserError(f"{args.dir}: not writable")
+    try:
+        import pyarrow.parquet as pq
+
+        pq.read_schema(summary)
+        cfg = (validate_config(read_json(out / "config.json"), source=str(out / "config.json"))
+               if (out / "config.json").is_file() else load_config(args.config))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{args.dir}: cannot read its run files ({e.__class__.__name__}: {e})") from None
+    from evaluation import rerender_report
+
+    report = rerender_report(out, cfg.eval)
+    print(f"report:  {report}")
     return 0
 
 

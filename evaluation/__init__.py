@@ -19,6 +19,7 @@ from .pipeline import (
     evaluate_dir,
     evaluate_representation,
     representations_dir,
+    rerender_report,
     summarize,
 )
 from .probe import knn, linear_probe
@@ -38,6 +39,7 @@ __all__ = [
     "evaluate_application_baselines",
     "evaluate_dir",
     "evaluate_representation",
+    "rerender_report",
     "fewshot_finetune",
     "fewshot_frozen",
     "fewshot_scratch",

@@ -302,13 +302,42 @@ def summarize(
     warning = bottleneck_warning(facts)
     if warning:
         logger.warning("%s", warning)
+    _write_verdict_and_report(out, results, cfg, facts, plots=plots, notes=notes, failures=failures)
+    logger.info("summary: %d rows from %d representations -> %s", len(results), len(frames), summary)
+    return summary
+
+
+def _write_verdict_and_report(
+    out: Path, results: pd.DataFrame, cfg: EvalConfig, facts: RunFacts, *, plots: list[Path], notes: list[str],
+    failures: dict[str, str],
+) -> Path:
+    """`out/verdict.md` and `out/report.md` from the results; returns the report's path."""
     text = verdict(results, facts)
     with atomic_path(out / VERDICT) as tmp:
         tmp.write_text(text + "\n")
     logger.info("verdict: %s", text)
-    write_report(out / "report.md", results, cfg, plots=plots, notes=_grouped(notes), failures=failures, verdict=text)
-    logger.info("summary: %d rows from %d representations -> %s", len(results), len(frames), summary)
-    return summary
+    return write_report(out / "report.md", results, cfg, plots=plots, notes=_grouped(notes), failures=failures,
+                        verdict=text)
+
+
+def rerender_report(out: Path, cfg: EvalConfig) -> Path:
+    """Write `out/verdict.md` and `out/report.md` again from `out/summary.parquet`, the notes of `out`'s result
+    files and the plots already drawn; nothing is evaluated or drawn. Returns the report's path."""
+    out = Path(out)
+    results, _ = read_results(out / "summary.parquet")
+    eval_dir = representations_dir(out)
+    # the result files summarize read its notes from, in its order; those of representations not in the summary
+    # (failed) are left out
+    shown = set(results["representation"])
+    paths = [p for p in sorted(eval_dir.glob("*.parquet")) if not p.name.endswith(MAP_SUFFIX)
+             and (p.stem in shown or p.stem in (BASELINES_NAME, SWEEP_NAME))] if eval_dir.is_dir() else []
+    names = [p.stem for p in paths]
+    notes = [n for p in paths for n in read_results(p)[1]]
+    plots = sorted((out / "plots").glob("*.png")) + [
+        p for name in names for p in sorted((out / "plots" / name).glob("*.png"))
+    ]
+    facts, _ = run_facts(out / "features", names)
+    return _write_verdict_and_report(out, results, cfg, facts, plots=plots, notes=notes, failures={})
 
 
 def run_facts(features_dir: Path, names: list[str]) -> tuple[RunFacts, FeatureFile | None]:

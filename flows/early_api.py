@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,10 @@ def api_booting() -> Iterator[Callable[[], None]]:
     """Start booting the temporary API now; yields `wait`, which returns once the server answers (or failed).
 
     Call `wait` before the flow: Prefect marks the server running before it answers. Leaving the block
-    waits too, so no start is in flight when the process exits. The server module is imported here, in
-    the calling thread: imported from the boot thread it would share the interpreter with the caller's
-    imports and spawn the server seconds later.
+    waits too, so no start is in flight when the process exits; leaving it with an error cancels the boot
+    instead, so a bad input is reported at once, not after the server's seconds of start-up. The server
+    module is imported here, in the calling thread: imported from the boot thread it would share the
+    interpreter with the caller's imports and spawn the server seconds later.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
@@ -48,9 +50,22 @@ def api_booting() -> Iterator[Callable[[], None]]:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
-    thread = threading.Thread(target=_start, args=(SubprocessASGIServer().start,), name="prefect-api-boot", daemon=True)
+    server = SubprocessASGIServer()
+    thread = threading.Thread(target=_start, args=(server.start,), name="prefect-api-boot", daemon=True)
     thread.start()
     try:
         yield thread.join
-    finally:
-        thread.join()
+    except BaseException:
+        cancel_boot(server, thread)
+        raise
+    thread.join()
+
+
+def cancel_boot(server: Any, thread: threading.Thread) -> None:
+    """Stop a booting server without waiting for it to answer; returns once the boot thread has ended."""
+    # stop() before the thread spawned the process stops nothing: repeat until the thread is gone (its next
+    # health-check poll fails once the process is stopped), then once more for a process spawned meanwhile
+    while thread.is_alive():
+        server.stop()
+        thread.join(0.05)
+    server.stop()

@@ -319,7 +319,17 @@ def pretrain_and_probe(
     latent_dim: int | None = None,
     out: str | None = None,
 ) -> State:
-    """Pretrain every configured variant, extract features, evaluate them against baselines, report."""
+    """Pretrain every configured variant, extract features, evaluate them against baselines, report.
+
+    Args:
+        config: The experiment: an ExperimentConfig, a path to its YAML file, or none for configs/default.yaml.
+        dataset: Data set overriding data.dataset: digits, dsprites, dsprites:N, idx:DIR or a .parquet, .csv,
+            .npy or .npz file.
+        variants: Variants to train, overriding models.variants: a list or a comma-separated string.
+        epochs: Cap on training epochs, overriding train.epochs.
+        latent_dim: Representation width K, overriding models.latent_dim.
+        out: Run directory; runs/<dataset> under the working directory when not given.
+    """
     CLOCK.reset()
     cfg = resolve_config(config, dataset=dataset, variants=variants, epochs=epochs, latent_dim=latent_dim)
     out_dir = Path(out or default_out(cfg)).resolve()

@@ -25,6 +25,8 @@ HEADLINE = "linear_probe_accuracy"  # the parent's per-representation headline m
 HEADLINE_METRICS = ("eval/linear_probe_accuracy", "eval/linear_probe_macro_f1", "eval/knn_accuracy_5nn",
                     "eval/fewshot_frozen_accuracy_k5", "eval/fewshot_finetune_accuracy_k5",
                     "eval/reduction_trustworthiness", "val/loss")
+INTERVAL = ("ci_low", "ci_high")  # `<metric>/ci_low`, `<metric>/ci_high`: the 95% interval of a logged number
+BASELINE_PREFIX = "baseline/"  # the parent's `baseline/<name>/<task>_<metric>`: a baseline's headline numbers
 VERDICT = "verdict.md"  # evaluation.pipeline.VERDICT, named here so `ae-repr compare` does not import evaluation
 VIEW_KEY = "variants"  # the experiment's shared UI view: `#/experiments/<id>/runs?viewStateShareKey=variants`
 _SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|AUTH",
@@ -128,17 +130,55 @@ def callback_key(key: str) -> str:
     return f"{head}/{rest.replace('/', '_')}" if head == "eval" and rest else key
 
 
+def _finite(v: Any) -> bool:
+    return v is not None and not pd.isna(v) and math.isfinite(float(v))
+
+
 def eval_metrics(summary: pd.DataFrame, representation: str) -> dict[str, float]:
-    """Every summary number of one representation, by MLflow name."""
+    """Every summary number of one representation, by MLflow name, with `<name>/ci_low` and `<name>/ci_high`
+    where the number has an interval."""
     rows = summary[summary["representation"] == representation]
-    return {eval_key(r.task, r.metric, r.k): float(r.value) for r in rows.itertuples(index=False)
-            if r.value is not None and math.isfinite(float(r.value))}
+    out: dict[str, float] = {}
+    for r in rows.itertuples(index=False):
+        if not _finite(r.value):
+            continue
+        key = eval_key(r.task, r.metric, r.k)
+        out[key] = float(r.value)
+        if _finite(r.ci_low) and _finite(r.ci_high):
+            out[f"{key}/{INTERVAL[0]}"], out[f"{key}/{INTERVAL[1]}"] = float(r.ci_low), float(r.ci_high)
+    return out
+
+
+def interval_of(key: str) -> tuple[str, str | None]:
+    """(the metric, `ci_low` | `ci_high` | None) of an MLflow metric name."""
+    head, _, last = key.rpartition("/")
+    return (head, last) if head and last in INTERVAL else (key, None)
+
+
+def baseline_metrics(summary: pd.DataFrame, variants: Iterable[str]) -> dict[str, float]:
+    """The parent's `baseline/<name>/<task>_<metric>[/ci_low|/ci_high]`: the headline numbers of every
+    representation that is not a trained variant (raw, pca, ...), so `ae-repr compare` can show them."""
+    learned = set(variants)
+    out: dict[str, float] = {}
+    for name in summary["representation"].unique():
+        if name in learned or "@" in name:  # a variant, or one pretraining seed of one
+            continue
+        for key, value in eval_metrics(summary, name).items():
+            if interval_of(key)[0] in HEADLINE_METRICS:
+                out[f"{BASELINE_PREFIX}{name}/{key.removeprefix('eval/')}"] = value
+    return out
 
 
 def headline_metrics(summary: pd.DataFrame, variants: Iterable[str]) -> tuple[dict[str, float], dict[str, str]]:
-    """The parent's metrics (`<representation>/linear_probe_accuracy`, the best variant's) and tags."""
+    """The parent's metrics (`<representation>/linear_probe_accuracy`, the best variant's, the baselines' headline
+    numbers) and tags."""
+    variants = list(variants)
     rows = summary[(summary["task"] == "linear_probe") & (summary["metric"] == "accuracy")]
-    metrics = {f"{r.representation}/{HEADLINE}": float(r.value) for r in rows.itertuples(index=False)}
+    # one pretraining seed's row (`<variant>@seed=<s>`) is not a valid MLflow name, and would fail the whole write:
+    # the aggregate row under the plain name stands for it
+    metrics = {f"{r.representation}/{HEADLINE}": float(r.value) for r in rows.itertuples(index=False)
+               if "@" not in r.representation}
+    metrics.update(baseline_metrics(summary, variants))
     learned = {v: metrics[f"{v}/{HEADLINE}"] for v in variants if f"{v}/{HEADLINE}" in metrics}
     tags: dict[str, str] = {}
     if learned:

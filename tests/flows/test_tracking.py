@@ -116,6 +116,9 @@ def test_parent_run(tracked):
     for v in VARIANTS:
         assert parent.data.metrics[f"{v}/linear_probe_accuracy"] == pytest.approx(probe.loc[v, "value"])
     assert parent.data.metrics["best_linear_probe_accuracy"] == max(probe.loc[list(VARIANTS), "value"])
+    # the baselines' headline numbers with their intervals, for `ae-repr compare`
+    assert parent.data.metrics["baseline/pca/linear_probe_accuracy"] == pytest.approx(probe.loc["pca", "value"])
+    assert parent.data.metrics["baseline/pca/linear_probe_accuracy/ci_low"] == pytest.approx(probe.loc["pca", "ci_low"])
     assert parent.data.params["train.epochs"] == str(EPOCHS)
     where = read_json(out / "tracking.json")  # what `ae-repr run` prints the parent run's address from
     assert where["parent_run_id"] == parent.info.run_id and where["experiment"] == exp.name
@@ -278,7 +281,10 @@ def test_compare_reads_runs_back(tracked, tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "linear_probe_accuracy" in text and " vae " in text.replace("│", " ")
     table = pd.read_csv(csv)
-    assert set(table["variant"]) == set(VARIANTS) and table["eval/linear_probe_accuracy"].notna().all()
+    assert set(table.loc[table["kind"] == "variant", "representation"]) == set(VARIANTS)
+    assert "pca" in set(table.loc[table["kind"] == "baseline", "representation"])  # baselines beside the variants
+    assert table["eval/linear_probe_accuracy"].notna().all()
+    assert table["eval/linear_probe_accuracy/ci_low"].notna().all()  # the intervals were logged too
     assert main(["compare", "--experiment", "no-such-experiment"]) == 2
     assert "no MLflow experiment named 'no-such-experiment'" in capsys.readouterr().err
     assert main(["compare", "--last", "0"]) == 2
