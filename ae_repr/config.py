@@ -125,6 +125,7 @@ class EvalConfig(_Frozen):
     # each end-to-end arm trains on at most this fraction of the rows the pretraining's budget allows
     # (min(train.max_steps * batch_size, train.epochs * train rows)); fewer epochs when finetune_epochs would not fit
     fewshot_budget: float = Field(0.5, gt=0)
+    fewshot_test_max_rows: int = Field(2000, gt=0)  # test rows (a fixed subsample) scoring the end-to-end arms' runs
     trustworthiness_max_rows: int = Field(2000, gt=10)
     map_method: Literal["tsne", "umap", "none"] = "tsne"
     map_max_rows: int = Field(2000, gt=10)

@@ -60,7 +60,7 @@ from ae_repr.io import FeatureFile
 from ae_repr.models import Autoencoder, build_model, module_init
 
 from .fewshot import fewshot_episodes, fewshot_row, usable_k
-from .inputs import SharedResults, digest, labels, model_dir, pass_rows, raw_inputs, split_mask
+from .inputs import SharedResults, digest, labels, model_dir, pass_rows, raw_inputs, split_mask, subsample
 from .probe import fit_frozen_head
 from .results import result_frame
 
@@ -86,7 +86,7 @@ def protocol(cfg: EvalConfig, budgeted: bool = False) -> str:
     return (
         f"few-shot fine-tune and scratch: {cfg.finetune_epochs} epochs{cut} of Adam (lr {cfg.finetune_lr:g}, "
         f"batches of up to {cfg.finetune_batch_size} shots) on the k labelled shots per class only, no held-out "
-        "labels and no early stopping; the final state is scored."
+        f"labels and no early stopping; the final state is scored on at most {cfg.fewshot_test_max_rows} test rows."
     )
 
 
@@ -131,7 +131,8 @@ def _end_to_end(ff: FeatureFile, cfg: EvalConfig, *, arm: Arm, seed: int) -> pd.
         return x.reshape(len(rows), *loaded.model.input_shape)
 
     y_all = labels(ff)
-    train, test = np.flatnonzero(split_mask(ff, "train")), np.flatnonzero(split_mask(ff, "test"))
+    # scored on a bounded subsample of the test split: every run (k x seeds x arms) encodes it once
+    train, test = np.flatnonzero(split_mask(ff, "train")), subsample(ff, "test", cfg.fewshot_test_max_rows, seed)
     classes = np.unique(y_all[train])
     ks = usable_k(ff, cfg, task=f"fewshot_{arm}")[0]
     cfg = arm_config(ff, cfg, loaded)  # the scratch arms' sharing key includes its epochs

@@ -331,3 +331,24 @@ def test_end_to_end_arms_train_for_the_budgeted_epochs(tmp_path, synth, monkeypa
     fewshot_finetune(ff, cfg)
     assert len(steps) == expected  # one full-batch step per epoch at k=1
     assert f"{expected} epochs (fewer than the configured epochs" in finetune.arm_protocol(ff, cfg)
+
+
+def test_end_to_end_arms_score_a_bounded_test_subsample(ae_file, monkeypatch):
+    """Each run is scored on the documented fixed subsample of at most fewshot_test_max_rows test rows."""
+    import evaluation.finetune as finetune
+    from evaluation.inputs import subsample
+
+    scored = []
+    real = finetune._train_and_score
+
+    def spy(models, shots, test, *args, **kwargs):
+        scored.append(test[1].clone())
+        return real(models, shots, test, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "_train_and_score", spy)
+    cfg = QUICK.model_copy(update={"fewshot_k": (1,), "fewshot_test_max_rows": 10, "finetune_epochs": 1})
+    fewshot_finetune(ae_file, cfg)
+    rows = subsample(ae_file, "test", 10, 0)
+    assert len(scored) == 1 and len(scored[0]) == 10 < int((ae_file.frame["split"] == "test").sum())
+    expected = np.searchsorted(np.unique(ae_file.frame["label"]), ae_file.frame["label"].to_numpy()[rows])
+    np.testing.assert_array_equal(scored[0].numpy(), expected)
