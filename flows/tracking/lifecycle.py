@@ -97,7 +97,7 @@ class Recorder:
         self._commit = rec.git_commit()
         tags = rec.safe({**rec.parent_tags(self.cfg, self.info, self.out_dir, self.flow_run, self._commit),
                          **(extra_tags or {})})
-        self.parent_id = session.create_run(self.flow_run.get("name") or self.out_dir.name, tags)
+        self.parent_id = session.create_run(rec.parent_name(self.cfg, self.info, self.out_dir, self.flow_run), tags)
         self.parent_url = session.url(self.parent_id)
         session.log_params(self.parent_id, rec.safe(self.cfg.flat()))
         session.log_dataset(self.parent_id, self.info)

@@ -81,6 +81,12 @@ def variant_params(cfg: ExperimentConfig, variant: str) -> dict[str, str]:
                  "variant": variant})
 
 
+def parent_name(cfg: ExperimentConfig, info: Mapping[str, Any], out_dir: Path,
+                flow_run: Mapping[str, str | None]) -> str:
+    """The parent run's name: what ran (data set, variants) and which flow run (its name, else the run folder)."""
+    return f"{info.get('dataset', cfg.data.dataset)}: {','.join(cfg.models.variants)} ({flow_run.get('name') or out_dir.name})"
+
+
 def parent_tags(cfg: ExperimentConfig, info: Mapping[str, Any], out_dir: Path, flow_run: Mapping[str, str | None],
                 commit: str) -> dict[str, str]:
     """The parent run's tags: Prefect flow run, data set identity, code version, run directory."""

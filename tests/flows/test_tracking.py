@@ -101,8 +101,10 @@ def test_parent_run(tracked):
     assert Path(exp.artifact_location.removeprefix("file://")).is_absolute()
     tags = parent.data.tags
     assert parent.info.status == "FINISHED"
-    assert tags["prefect.flow_run_id"] and tags["prefect.flow_run_name"] == parent.info.run_name
-    assert tags["dataset"] == "digits"
+    # named by what ran and which flow run, not by MLflow's random words
+    assert tags["prefect.flow_run_id"] and parent.info.run_name == (
+        f"{tags['dataset']}: {tags['ae_repr.variants']} ({tags['prefect.flow_run_name']})")
+    assert tags["dataset"] == "digits" and parent.info.run_name.startswith("digits: ae,")
     assert tags["dataset_sha256"] == read_features(out / "features" / "ae.parquet").meta["dataset_sha256"]
     assert tags["git_commit"] == "unknown" or len(tags["git_commit"]) == 40
     assert tags["best_variant"] in VARIANTS
