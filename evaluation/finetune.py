@@ -54,9 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ae_repr.checkpoint import LoadedModel, load_model
+from ae_repr.checkpoint import DESCRIPTION, LoadedModel, load_model
 from ae_repr.config import EvalConfig
-from ae_repr.io import FeatureFile
+from ae_repr.io import FeatureFile, read_json
 from ae_repr.models import Autoencoder, build_model, module_init
 
 from .fewshot import fewshot_episodes, fewshot_row, usable_k
@@ -90,9 +90,9 @@ def protocol(cfg: EvalConfig, budgeted: bool = False) -> str:
     )
 
 
-def arm_config(ff: FeatureFile, cfg: EvalConfig, loaded: LoadedModel) -> EvalConfig:
-    """`cfg` with the end-to-end arms' epochs for `ff`'s model (`budgeted_epochs`)."""
-    train_cfg = loaded.meta.get("train_config")
+def arm_config(ff: FeatureFile, cfg: EvalConfig, meta: dict[str, Any]) -> EvalConfig:
+    """`cfg` with the end-to-end arms' epochs for `ff`'s model, from its saved description (`budgeted_epochs`)."""
+    train_cfg = meta.get("train_config")
     if train_cfg is None:  # a model saved by other means than the trainer: no pretraining budget to go by
         return cfg
     train = split_mask(ff, "train")
@@ -103,7 +103,7 @@ def arm_config(ff: FeatureFile, cfg: EvalConfig, loaded: LoadedModel) -> EvalCon
 
 def arm_protocol(ff: FeatureFile, cfg: EvalConfig) -> str:
     """The end-to-end arms' protocol for `ff`'s model, with the epochs its budget allows (for the report)."""
-    arm_cfg = arm_config(ff, cfg, load_model(model_dir(ff)))
+    arm_cfg = arm_config(ff, cfg, read_json(model_dir(ff) / DESCRIPTION))  # the description only, not the weights
     return protocol(arm_cfg, budgeted=arm_cfg.finetune_epochs < cfg.finetune_epochs)
 
 
@@ -135,7 +135,7 @@ def _end_to_end(ff: FeatureFile, cfg: EvalConfig, *, arm: Arm, seed: int) -> pd.
     train, test = np.flatnonzero(split_mask(ff, "train")), subsample(ff, "test", cfg.fewshot_test_max_rows, seed)
     classes = np.unique(y_all[train])
     ks = usable_k(ff, cfg, task=f"fewshot_{arm}")[0]
-    cfg = arm_config(ff, cfg, loaded)  # the scratch arms' sharing key includes its epochs
+    cfg = arm_config(ff, cfg, loaded.meta)  # the scratch arms' sharing key includes its epochs
     y = _class_index(y_all, classes)  # -1 for test labels never seen in train: always wrong
     x_test, y_test = inputs(test), torch.from_numpy(y[test])
     test_digest = digest(x_test, y_test) if arm == "scratch" else b""
