@@ -163,6 +163,8 @@ class EvalConfig(_Frozen):
     augment_per_shot: int = Field(10, gt=0)  # generated neighbours per labelled example
     augment_noise: float = Field(0.5, gt=0)  # latent perturbation, in units of each dimension's train std
     rd_betas: tuple[Annotated[float, Field(ge=0)], ...] = ()  # beta sweep: extra beta_vae models for the rate-distortion curve
+    # each sweep model's step budget as a fraction of train.max_steps; it stops on the same plateau rule as training
+    rd_budget: float = Field(0.25, gt=0, le=1)
     mig_bins: int = Field(20, ge=2)  # equal-width bins per latent for MIG's mutual information
     dci_model: Literal["gbt", "lasso"] = "gbt"  # importance matrix from gradient-boosted trees or lasso
     disentanglement_max_rows: int = Field(10000, gt=10)  # rows (train and test each) used by the estimators
@@ -214,9 +216,10 @@ class ExperimentConfig(_Frozen):
     seed: int = 0
 
     def with_beta(self, beta: float) -> ExperimentConfig:
-        """A copy whose beta_vae has KL weight `beta` (one point of the rate-distortion sweep)."""
+        """A copy whose beta_vae has KL weight `beta` and the sweep's step budget (one point of the rate-distortion sweep)."""
         d = self.model_dump()
         d["models"]["overrides"].setdefault("beta_vae", {})["beta"] = beta
+        d["train"]["max_steps"] = max(1, round(self.eval.rd_budget * self.train.max_steps))
         return ExperimentConfig.model_validate(d)
 
     def with_overrides(

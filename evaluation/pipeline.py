@@ -229,12 +229,16 @@ def evaluate_beta_sweep(
     """Rate and distortion of beta_vae models trained at several betas, as representations
     `beta_vae@beta=<b>` in `eval_dir/beta_sweep.parquet` (the rows and splits of `feature_path`)."""
     ff = load_feature_file(feature_path)
-    frames, notes = [], []
+    frames, notes, trained = [], [], []
     for beta, mdir in sorted(model_dirs.items()):
-        ctx = replace(make_context(ff, cfg, loaded=load_model(mdir), seed=seed), name=f"beta_vae@beta={beta:g}")
+        loaded = load_model(mdir)
+        ctx = replace(make_context(ff, cfg, loaded=loaded, seed=seed), name=f"beta_vae@beta={beta:g}")
         out = rate_distortion(ctx)
         frames.append(out.frame)
         notes += out.notes
+        trained.append(f"beta {beta:g}: {loaded.meta.get('steps')} steps, stopped on {loaded.meta.get('stopped_on')}")
+    notes.append(f"beta sweep: each beta_vae@beta=<b> trained within eval.rd_budget = {cfg.rd_budget:g} of "
+                 f"train.max_steps on the same plateau rule ({'; '.join(trained)}).")
     return write_results(Path(eval_dir) / f"{SWEEP_NAME}.parquet", concat_results(frames), notes=notes)
 
 

@@ -276,4 +276,15 @@ def test_beta_sweep_adds_rate_distortion_points(storage, tmp_path):
     assert rd.loc["beta_vae@beta=0.25", "rate"] > rd.loc["beta_vae@beta=8", "rate"]
     for beta in ("0.25", "8"):
         assert (tmp_path / "models" / "beta_sweep" / f"beta_{beta}" / "model.pt").is_file()
-    assert "](plots/rate_distortion.png)" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "](plots/rate_distortion.png)" in report
+    assert "eval.rd_budget = 0.25" in report and "beta 8: " in report  # each sweep model's budget and steps
+
+
+def test_sweep_models_train_within_their_budget():
+    """A sweep point gets its beta and a step budget of eval.rd_budget of train.max_steps; the rest is unchanged."""
+    cfg = tiny_config(max_steps=1000)
+    point = validate_config({**cfg.model_dump(mode="json"), "eval": {**cfg.eval.model_dump(mode="json"),
+                                                                        "rd_budget": 0.3}}).with_beta(6.0)
+    assert point.train.max_steps == 300 and point.models.model_config_for("beta_vae").beta == 6.0
+    assert point.train.model_copy(update={"max_steps": 1000}) == cfg.train
