@@ -164,7 +164,7 @@ class EvalConfig(_Frozen):
     augment_noise: float = Field(0.5, gt=0)  # latent perturbation, in units of each dimension's train std
     rd_betas: tuple[Annotated[float, Field(ge=0)], ...] = ()  # beta sweep: extra beta_vae models for the rate-distortion curve
     # each sweep model's step budget as a fraction of train.max_steps; it stops on the same plateau rule as training
-    rd_budget: float = Field(0.25, gt=0, le=1)
+    rd_budget: float = Field(0.5, gt=0, le=1)
     mig_bins: int = Field(20, ge=2)  # equal-width bins per latent for MIG's mutual information
     dci_model: Literal["gbt", "lasso"] = "gbt"  # importance matrix from gradient-boosted trees or lasso
     disentanglement_max_rows: int = Field(10000, gt=10)  # rows (train and test each) used by the estimators

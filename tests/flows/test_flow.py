@@ -278,7 +278,7 @@ def test_beta_sweep_adds_rate_distortion_points(storage, tmp_path):
         assert (tmp_path / "models" / "beta_sweep" / f"beta_{beta}" / "model.pt").is_file()
     report = (tmp_path / "report.md").read_text()
     assert "](plots/rate_distortion.png)" in report
-    assert "eval.rd_budget = 0.25" in report and "beta 8: " in report  # each sweep model's budget and steps
+    assert "eval.rd_budget = 0.5" in report and "beta 8: " in report  # each sweep model's budget and steps
 
 
 def test_sweep_models_train_within_their_budget():
