@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -71,6 +72,8 @@ def extract_features(
         "dataset_sha256": data.sha256,
         "config_sha256": loaded.meta.get("config_sha256", ""),
         "model_dir": os.path.relpath(model_dir.resolve(), out_path.resolve().parent),
+        # the class names behind the int64 `label` codes, when the data named its classes
+        "label_names": None if data.label_names is None else json.dumps(list(data.label_names)),
     }
     clash = sorted(set(meta) & set(metadata or {}))
     if clash:

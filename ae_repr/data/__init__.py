@@ -114,7 +114,12 @@ def load_dataset(spec: str, *, test_fraction: float = 0.25, seed: int = 0) -> Da
     else:
         raw = load_file(parsed.path)
         split = raw.split if raw.split is not None else split_for(raw.labels, len(raw.x), str(parsed.path))
-        ds = make_dataset(name, raw.x, split, labels=raw.labels, sample_id=raw.sample_id)
+        ds = make_dataset(name, raw.x, split, labels=raw.labels, sample_id=raw.sample_id, label_names=raw.label_names)
+    if ds.labels is not None and len(np.unique(ds.labels)) < 2:
+        raise DataError(
+            f"{name}: every row has the same label ({ds.labels[0]}); the probes need at least 2 classes "
+            "(drop the label column to train and evaluate without labels)"
+        )
     log.info(
         "data set %s: %d samples of shape %s (%s), %d train / %d test, %s labels, sha256 %s",
         name, len(ds), ds.shape, ds.x.dtype, len(ds.train_idx), len(ds.test_idx),

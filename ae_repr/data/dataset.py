@@ -24,6 +24,7 @@ class Dataset:
     labels: np.ndarray | None = None  # (N,) int64
     factors: np.ndarray | None = None  # (N, F) ground-truth generative factors (dsprites)
     factor_names: tuple[str, ...] = field(default=())
+    label_names: tuple[str, ...] | None = None  # class names when the labels were names: code i is label_names[i]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -46,13 +47,17 @@ class Dataset:
 
 
 def content_sha256(
-    x: np.ndarray, labels: np.ndarray | None, split: np.ndarray, sample_id: np.ndarray | None = None
+    x: np.ndarray,
+    labels: np.ndarray | None,
+    split: np.ndarray,
+    sample_id: np.ndarray | None = None,
+    label_names: tuple[str, ...] | None = None,
 ) -> str:
     """Hex sha256 of a data set's content, independent of memory layout, byte order, machine and spec string.
 
     Hashed in order: a version tag; x's dtype (little-endian code) and shape, then its bytes in C order
     and little-endian; the labels as int64 (or a "none" marker); the split as one byte per row
-    (1 = test); the sample ids as int64 (or "none", meaning 0..N-1).
+    (1 = test); the sample ids as int64 (or "none", meaning 0..N-1); class names, when the labels had names.
     """
     h = hashlib.sha256(b"ae_repr.dataset.v1\n")
 
@@ -71,6 +76,8 @@ def content_sha256(
     if sample_id is not None and np.array_equal(sample_id, np.arange(len(x))):
         sample_id = None  # the default ids are implied by the row order
     array("sample_id", sample_id, np.int64)
+    if label_names is not None:  # absent for numeric labels, so their digests stay what they were
+        h.update(("label_names " + "\x1f".join(label_names) + "\n").encode())
     return h.hexdigest()
 
 
@@ -83,6 +90,7 @@ def make_dataset(
     sample_id: np.ndarray | None = None,
     factors: np.ndarray | None = None,
     factor_names: tuple[str, ...] = (),
+    label_names: tuple[str, ...] | None = None,
 ) -> Dataset:
     """Build a Dataset with default sample ids (0..N-1) and its content hash."""
     sample_id = np.arange(len(x), dtype=np.int64) if sample_id is None else np.asarray(sample_id, dtype=np.int64)
@@ -90,12 +98,17 @@ def make_dataset(
     labels = None if labels is None else np.asarray(labels, dtype=np.int64)
     for what, a in (("split", split), ("sample_id", sample_id), ("labels", labels), ("factors", factors)):
         assert a is None or len(a) == len(x), f"{what} has {len(a)} rows, x has {len(x)}"
-    digest = content_sha256(x, labels, split, sample_id)
-    return Dataset(name, x, split, sample_id, digest, labels, factors, tuple(factor_names))
+    digest = content_sha256(x, labels, split, sample_id, label_names)
+    return Dataset(name, x, split, sample_id, digest, labels, factors, tuple(factor_names), label_names)
 
 
 def stratified_split(n: int, labels: np.ndarray | None, test_fraction: float = 0.25, seed: int = 0) -> np.ndarray:
     """Deterministic train/test assignment, stratified by label when labels exist."""
+    if labels is not None and len(np.unique(labels)) > 1 and np.unique(labels, return_counts=True)[1].max() < 2:
+        raise DataError(
+            f"each of the {len(np.unique(labels))} classes has a single row: a stratified split has nothing to "
+            "test on; give at least 2 rows per class, or a 'split' column"
+        )
     rng = np.random.default_rng(seed)
     split = np.full(n, "train", dtype=object)
     groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]

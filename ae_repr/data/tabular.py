@@ -1,7 +1,8 @@
 """User data files (.parquet, .csv, .npy, .npz) read into arrays and validated, with one-line DataErrors.
 
-Tables: every numeric column is a feature, except the reserved columns `label` (integer class),
-`split` ("train" | "test") and `sample_id` (unique integers). Arrays: .npy holds the features alone,
+Tables: every numeric column is a feature, except the reserved columns `label` (integer class, or
+class names: stored as int64 codes in sorted name order, the names kept), `split` ("train" | "test")
+and `sample_id` (unique integers). Column names must be unique. Arrays: .npy holds the features alone,
 2-D (N, D) as a table, 3-D (N, H, W) or 4-D (N, C, H, W) as images; .npz holds the features under
 `x` (or `X`, `data`, `features`) and optionally `y` (or `label`, `labels`), `split` and `sample_id`.
 Pickled content is never loaded.
@@ -39,6 +40,7 @@ class RawData:
     labels: np.ndarray | None  # (N,) int64
     split: np.ndarray | None  # (N,) str "train" | "test"
     sample_id: np.ndarray | None  # (N,) int64, unique
+    label_names: tuple[str, ...] | None = None  # class names of string labels: code i is label_names[i]
 
 
 def file_kind(path: str | os.PathLike[str]) -> str | None:
@@ -70,6 +72,7 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     try:
+        _unique_columns(path, pq.read_schema(path).names)
         return pq.read_table(path).to_pandas()
     except (pa.ArrowException, OSError, ValueError, TypeError) as e:
         raise DataError(f"{path}: cannot read Parquet file ({_reason(e)})") from None
@@ -77,11 +80,21 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str).iloc[0].tolist()
+        _unique_columns(path, [str(h) for h in header])  # pandas would rename a repeat to `name.1` silently
         return pd.read_csv(path)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: empty CSV file") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError, EOFError) as e:
         raise DataError(f"{path}: cannot read CSV file ({_reason(e)})") from None
+
+
+def _unique_columns(path: Path, names: list[str]) -> None:
+    """Refuse repeated column names: which of two same-named columns is the feature would be a guess."""
+    seen = pd.Series(names)
+    dup = sorted(set(seen[seen.duplicated()]))
+    if dup:
+        raise DataError(f"{path}: duplicate column names {', '.join(map(repr, dup))}; rename them so every column is unique")
 
 
 def _from_frame(path: Path, df: pd.DataFrame) -> RawData:
@@ -110,15 +123,16 @@ def _from_frame(path: Path, df: pd.DataFrame) -> RawData:
             raise DataError(
                 f"{path}: column {c!r} has {int(bad.sum())} infinite values, first at row {_first(bad)}"
             )
+        _in_float32_range(path, f"column {c!r}", arr)
         columns.append(arr)
     dtype = np.result_type(*[a.dtype for a in columns])
     x = np.empty((len(df), len(columns)), dtype=dtype)
     for j, a in enumerate(columns):
         x[:, j] = a
-    labels = _labels(path, f"column {LABEL!r}", df[LABEL]) if LABEL in df else None
+    labels, names = _labels(path, f"column {LABEL!r}", df[LABEL]) if LABEL in df else (None, None)
     split = _split(path, f"column {SPLIT!r}", df[SPLIT]) if SPLIT in df else None
     sample_id = _sample_id(path, f"column {SAMPLE_ID!r}", df[SAMPLE_ID]) if SAMPLE_ID in df else None
-    return RawData(x, labels, split, sample_id)
+    return RawData(x, labels, split, sample_id, names)
 
 
 # ---------------------------------------------------------------------------------------------- arrays
@@ -159,14 +173,14 @@ def _read_npz(path: Path) -> RawData:
     for k, a in arrays.items():
         if k != x_key and (a.ndim != 1 or len(a) != n):
             raise DataError(f"{path}: array {k!r} has shape {a.shape}; expected ({n},) to match {x_key!r}")
-    labels = _labels(path, f"array {y_key!r}", pd.Series(arrays[y_key])) if y_key else None
+    labels, names = _labels(path, f"array {y_key!r}", pd.Series(arrays[y_key])) if y_key else (None, None)
     split = _split(path, f"array {SPLIT!r}", pd.Series(arrays[SPLIT])) if SPLIT in arrays else None
     sid = (
         _sample_id(path, f"array {SAMPLE_ID!r}", pd.Series(arrays[SAMPLE_ID]))
         if SAMPLE_ID in arrays
         else None
     )
-    return RawData(x, labels, split, sid)
+    return RawData(x, labels, split, sid, names)
 
 
 def _features(path: Path, what: str, a: np.ndarray) -> np.ndarray:
@@ -194,35 +208,43 @@ def _features(path: Path, what: str, a: np.ndarray) -> np.ndarray:
                 else f"index {tuple(int(i) for i in where)}"
             )
             raise DataError(f"{path}: {what} has {int(bad.sum())} NaN/Inf values, first at {pos}")
+    _in_float32_range(path, what, a)
     return a
 
 
 # ---------------------------------------------------------------------------------------------- reserved
 
 
-def _labels(path: Path, what: str, s: pd.Series) -> np.ndarray:
-    """Integer class labels; floats must be whole numbers, strings are refused."""
+def _labels(path: Path, what: str, s: pd.Series) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    """Integer class labels (floats must be whole numbers; any values, gaps and negatives too), or class
+    names: int64 codes in sorted name order and the names."""
     if s.isna().any():
         raise DataError(
             f"{path}: {what} has missing values, first at row {_first(s.isna())}; every row needs a label"
         )
     dtype = s.dtype
     if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_integer_dtype(dtype):
-        return s.to_numpy(dtype=np.int64)
+        return s.to_numpy(dtype=np.int64), None
     if pd.api.types.is_float_dtype(dtype):
         v = s.to_numpy(dtype=np.float64)
         bad = ~np.isfinite(v) | (v != np.round(v))
         if bad.any():
             i = _first(bad)
             raise DataError(
-                f"{path}: {what} must hold integer class labels; found {float(v[i])!r} at row {i}"
+                f"{path}: {what} must hold integer class labels or class names; found {float(v[i])!r} at row {i}"
             )
-        return v.astype(np.int64)
-    for i, val in enumerate(s):  # strings, objects: name the first value that is not a whole number
+        return v.astype(np.int64), None
+    values = [t.decode() if isinstance(t, bytes) else t for t in s]
+    if all(isinstance(t, str) for t in values):
+        names, codes = np.unique(np.asarray(values, dtype=str), return_inverse=True)
+        return codes.astype(np.int64), tuple(str(n) for n in names)
+    for i, val in enumerate(values):  # a mix: name the first value that is neither a whole number nor a name
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
             shown = val.item() if isinstance(val, np.generic) else val
-            raise DataError(f"{path}: {what} must hold integer class labels; found {shown!r} at row {i}")
-    return s.to_numpy(dtype=np.int64)
+            raise DataError(
+                f"{path}: {what} must hold integer class labels or class names (not a mix); found {shown!r} at row {i}"
+            )
+    return s.to_numpy(dtype=np.int64), None
 
 
 def _split(path: Path, what: str, s: pd.Series) -> np.ndarray:
@@ -254,6 +276,16 @@ def _sample_id(path: Path, what: str, s: pd.Series) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _in_float32_range(path: Path, what: str, a: np.ndarray) -> None:
+    """Refuse magnitudes float32 cannot hold: training computes in float32, where they become infinite."""
+    if a.dtype.itemsize > 4 and a.size and (big := np.abs(a) > np.finfo(np.float32).max).any():
+        i = np.unravel_index(int(np.flatnonzero(big)[0]), a.shape)
+        raise DataError(
+            f"{path}: {what} has {int(big.sum())} values beyond float32's range (±3.4e38), first {float(a[i]):.3g} "
+            f"at {f'index {tuple(int(j) for j in i)}' if a.ndim > 1 else f'row {int(i[0])}'}; rescale the data"
+        )
 
 
 def _check_magic(path: Path, magics: tuple[bytes, ...], what: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from pathlib import Path
 
@@ -500,16 +501,31 @@ def test_nan_in_array(tmp_path: Path, suffix: str) -> None:
     _expect(_write_frame(df, tmp_path / f"d{suffix}"), "NaN/Inf", "row 3, column 2")
 
 
-@pytest.mark.parametrize(
-    "labels,frag",
-    [([0.5, 1.0] * 10, "found 0.5 at row 0"), (["cat", "dog"] * 10, "found 'cat' at row 0")],
-)
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".npz"])
-def test_non_integer_labels(tmp_path: Path, labels: list, frag: str, suffix: str) -> None:
+def test_non_integer_labels(tmp_path: Path, suffix: str) -> None:
     df = _frame(n=20)
-    df["label"] = labels
+    df["label"] = [0.5, 1.0] * 10
     what = "array 'y'" if suffix == ".npz" else "column 'label'"
-    _expect(_write_frame(df, tmp_path / f"d{suffix}"), f"{what} must hold integer class labels", frag)
+    _expect(_write_frame(df, tmp_path / f"d{suffix}"), f"{what} must hold integer class labels", "found 0.5 at row 0")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".npz"])
+def test_class_names_become_codes_in_name_order(tmp_path: Path, suffix: str) -> None:
+    df = _frame(n=30)
+    df["label"] = np.array(["dog", "cat", "emu"])[np.arange(30) % 3]
+    ds = load_dataset(str(_write_frame(df, tmp_path / f"d{suffix}")))
+    assert ds.label_names == ("cat", "dog", "emu") and ds.labels.dtype == np.int64
+    assert [ds.label_names[c] for c in ds.labels] == df["label"].tolist()
+    renamed = df.assign(label=df["label"].str.upper())  # same codes, other names: other data
+    assert load_dataset(str(_write_frame(renamed, tmp_path / f"e{suffix}"))).sha256 != ds.sha256
+
+
+def test_labels_with_gaps_and_negatives_are_kept(tmp_path: Path) -> None:
+    df = _frame(n=30)
+    df["label"] = np.array([-7, 0, 40])[np.arange(30) % 3]
+    ds = load_dataset(str(_write_frame(df, tmp_path / "d.parquet")))
+    assert ds.label_names is None and np.array_equal(ds.labels, df["label"].to_numpy())
+    assert sorted(int((ds.split[ds.labels == c] == "test").sum()) for c in (-7, 0, 40)) == [2, 2, 2]
 
 
 def test_missing_labels(tmp_path: Path) -> None:
@@ -552,3 +568,23 @@ def test_npz_problems(tmp_path: Path) -> None:
     _expect(tmp_path / "vec.npy", "has shape (10,)")
     np.save(tmp_path / "cplx.npy", np.zeros((10, 2), complex))
     _expect(tmp_path / "cplx.npy", "features must be numeric")
+
+
+def test_feature_files_keep_the_class_names(tmp_path: Path) -> None:
+    """Named classes reach the feature file: `label` holds the codes, the metadata the names behind them."""
+    from ae_repr.config import ExperimentConfig
+    from ae_repr.features import extract_features
+    from ae_repr.io import read_features
+    from ae_repr.train import train_variant
+
+    df = _frame(n=60)
+    df["label"] = np.array(["setosa", "virginica"])[np.arange(60) % 2]
+    ds = load_dataset(str(_write_frame(df, tmp_path / "d.parquet")))
+    cfg = ExperimentConfig.model_validate({"models": {"variants": ["ae"], "latent_dim": 2,
+                                                      "overrides": {"ae": {"hidden": [8]}}},
+                                           "train": {"epochs": 1, "device": "cpu"}})
+    model = train_variant("ae", ds, cfg, tmp_path / "ae", progress=False).model_dir
+    ff = read_features(extract_features(model, ds, tmp_path / "ae.parquet"))
+    frame, meta = ff.frame, ff.meta
+    assert json.loads(meta["label_names"]) == ["setosa", "virginica"]
+    assert frame["label"].tolist() == ds.labels.tolist() and set(frame["label"]) == {0, 1}

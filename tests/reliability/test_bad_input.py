@@ -152,8 +152,102 @@ def _(ctx: Ctx) -> Case:
 
 @case("data-too-few-rows")
 def _(ctx: Ctx) -> Case:
-    path = frame_file(ctx.dir / "tiny.parquet", table(n=2, label=[0, 1]))
+    path = frame_file(ctx.dir / "tiny.parquet", table(n=2).drop(columns="label"))
     return train_on(ctx, path, str(path), "too few rows")
+
+
+@case("data-single-class")
+def _(ctx: Ctx) -> Case:
+    path = frame_file(ctx.dir / "oneclass.csv", table(label=np.zeros(40, dtype=int)))
+    return train_on(ctx, path, str(path), "same label", "2 classes")
+
+
+@case("data-one-row-per-class")
+def _(ctx: Ctx) -> Case:
+    path = frame_file(ctx.dir / "singletons.parquet", table(label=np.arange(40)))
+    return train_on(ctx, path, str(path), "single row", "per class")
+
+
+@case("data-header-only-csv")
+def _(ctx: Ctx) -> Case:
+    path = ctx.dir / "header.csv"
+    path.write_text("a,b,label\n")
+    return train_on(ctx, path, str(path), "no rows")
+
+
+@case("data-duplicate-columns-csv")
+def _(ctx: Ctx) -> Case:
+    path = ctx.dir / "dup.csv"
+    df = table()
+    df.columns = ["a", "a", "label"]
+    df.to_csv(path, index=False)
+    return train_on(ctx, path, str(path), "duplicate column", "'a'")
+
+
+@case("data-duplicate-columns-parquet")
+def _(ctx: Ctx) -> Case:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = ctx.dir / "dup.parquet"
+    df = table()
+    pq.write_table(pa.Table.from_arrays([pa.array(df[c]) for c in df], names=["b", "b", "label"]), path)
+    return train_on(ctx, path, str(path), "duplicate column", "'b'")
+
+
+@case("data-beyond-float32")
+def _(ctx: Ctx) -> Case:
+    df = table()
+    df.loc[5, "b"] = 1e39
+    path = frame_file(ctx.dir / "huge.parquet", df)
+    return train_on(ctx, path, str(path), "'b'", "float32", "row 5")
+
+
+@case("data-beyond-float32-npy")
+def _(ctx: Ctx) -> Case:
+    x = np.ones((40, 5))
+    x[2, 3] = -1e40
+    path = ctx.dir / "huge.npy"
+    np.save(path, x)
+    return train_on(ctx, path, str(path), "float32", "(2, 3)")
+
+
+@case("data-truncated-parquet")
+def _(ctx: Ctx) -> Case:
+    path = frame_file(ctx.dir / "cut.parquet", table(n=400))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return train_on(ctx, path, str(path), "Parquet")
+
+
+@case("data-truncated-npz")
+def _(ctx: Ctx) -> Case:
+    path = ctx.dir / "cut.npz"
+    np.savez(path, x=np.ones((400, 5)), y=np.arange(400) % 2)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return train_on(ctx, path)
+
+
+@case("data-truncated-csv")
+def _(ctx: Ctx) -> Case:
+    path = frame_file(ctx.dir / "cut.csv", table(n=400))
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2].rsplit(",", 1)[0])  # cut inside a row: its last fields are missing
+    return train_on(ctx, path, str(path), "missing")
+
+
+@case("data-truncated-npy")
+def _(ctx: Ctx) -> Case:
+    path = ctx.dir / "cut.npy"
+    np.save(path, np.ones((400, 5)))
+    path.write_bytes(path.read_bytes()[:3000])
+    return train_on(ctx, path)
+
+
+@case("data-single-class-npz")
+def _(ctx: Ctx) -> Case:
+    path = ctx.dir / "oneclass.npz"
+    np.savez(path, x=np.random.default_rng(0).normal(size=(40, 5)), y=np.full(40, 3))
+    return train_on(ctx, path, str(path), "same label (3)")
 
 
 @case("data-npy-pickled-objects")
@@ -498,7 +592,7 @@ def outcomes(
 
 
 def test_enough_cases() -> None:
-    assert len(CASES) >= 25
+    assert len(CASES) >= 60
 
 
 @pytest.mark.parametrize("name", list(CASES))
