@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 META_PREFIX = "ae_repr."
 _UMASK = os.umask(0)
@@ -151,27 +156,100 @@ def write_table(path: str | os.PathLike[str], frame: pd.DataFrame) -> Path:
     return Path(path)
 
 
+def lock_path(folder: str | os.PathLike[str]) -> Path:
+    """Where the lock guarding `folder` lives: beside it (`<parent>/.<name>.lock`), so it outlives the folder."""
+    folder = Path(folder).resolve()
+    return folder.parent / f".{folder.name}.lock"
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a reused pid from the holder."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_alive(holder: dict[str, Any]) -> bool | None:
+    """True or False for a holder on this host; None when it is on another host (its liveness is unknown here)."""
+    if holder.get("host") != socket.gethostname():
+        return None
+    pid = int(holder.get("pid", 0))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return holder.get("start") in (None, _process_start(pid))
+
+
+def _read_holder(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written, or not ours: treated as held
+
+
 @contextlib.contextmanager
 def exclusive_lock(folder: str | os.PathLike[str], what: str = "run") -> Iterator[None]:
     """Hold an exclusive lock on `folder` for the block; UserError at once if another process holds it.
 
-    The lock is an flock on `folder/.lock`, so the kernel releases it when the holder exits or crashes.
+    The lock is a file beside the folder (`lock_path`), created atomically (O_EXCL, which shared file
+    systems honour, unlike flock) and naming host, pid and start time: deleting the folder does not
+    free it, and a lock whose holder died on this host is taken over with a warning.
     """
-    import fcntl
-
     from .errors import UserError
 
-    path = Path(folder) / ".lock"
+    path = lock_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "what": what}
+    for _ in range(5):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise UserError(f"{folder}: another {what} is using this folder (pid {holder}); use a different --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read_holder(path)
+            if holder is None:
+                continue  # released in between: try again
+            alive = _holder_alive(holder) if holder else True
+            if alive is None:
+                raise UserError(
+                    f"{folder}: another {what} on host {holder.get('host')} (pid {holder.get('pid')}, since "
+                    f"{holder.get('since')}) holds {path}; use a different --out, or delete {path} if that run is gone"
+                ) from None
+            if alive:
+                raise UserError(
+                    f"{folder}: another {what} is using this folder (pid {holder.get('pid', '?')}); use a different --out"
+                ) from None
+            _take_over(path, holder)
+            log.warning("%s: took over the lock of a %s that is gone (pid %s, since %s)", folder,
+                        holder.get("what", what), holder.get("pid"), holder.get("since"))
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(mine, f)
+        break
+    else:
+        raise UserError(f"{folder}: could not take the lock {path}; another {what} keeps taking it")
+    try:
         yield
     finally:
-        os.close(fd)
+        if _read_holder(path) == mine:  # never remove a lock another process took over
+            path.unlink(missing_ok=True)
+
+
+def _take_over(path: Path, stale: dict[str, Any]) -> None:
+    """Remove a dead holder's lock, unless another process replaced it in the meantime (then it is put back)."""
+    aside = path.with_name(f"{path.name}.{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if _read_holder(aside) != stale:
+        try:
+            os.link(aside, path)  # put the live lock back; fails if yet another one exists, which then rules
+        except FileExistsError:
+            pass
+    aside.unlink(missing_ok=True)
