@@ -145,7 +145,7 @@ def test_run_is_tracked_on_the_server(tracked_run):
         assert [a.path for a in client.list_artifacts(rid, "features")] == [f"features/{v}.parquet"]
         local = client.download_artifacts(rid, "plots/loss_curves.png", str(out.parent))
         assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        model = client.get_registered_model(f"ae-repr-{v}")
+        model = client.get_registered_model(f"ae-repr-digits-{v}")
         assert "champion" in model.aliases
     assert not (out / "tracking_pending.json").exists()
 

@@ -174,16 +174,16 @@ def test_registered_encoder_encodes_new_data(tracked, monkeypatch):
     uri, out = tracked
     client = _client(uri)
     for v in VARIANTS:
-        assert "champion" in client.get_registered_model(f"ae-repr-{v}").aliases
+        assert "champion" in client.get_registered_model(f"ae-repr-digits-{v}").aliases
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # set_tracking_uri exports it too: put it back afterwards
     mlflow.set_tracking_uri(uri)
-    encoder = mlflow.pytorch.load_model("models:/ae-repr-vae@champion")
+    encoder = mlflow.pytorch.load_model("models:/ae-repr-digits-vae@champion")
     new = np.random.default_rng(7).integers(0, 17, size=(5, 1, 8, 8)).astype(np.float32)  # raw digit-like rows
     z = encoder(torch.from_numpy(new)).detach().numpy()
     assert z.shape == (5, 8)
     expected = Encoder.from_dir(out / "models" / "vae")(torch.from_numpy(new)).detach().numpy()
     np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-5)
-    served = mlflow.pyfunc.load_model("models:/ae-repr-vae@champion").predict(new)
+    served = mlflow.pyfunc.load_model("models:/ae-repr-digits-vae@champion").predict(new)
     assert np.asarray(served).shape == (5, 8)
 
 
@@ -211,7 +211,7 @@ def _summary_of(client: MlflowClient, experiment: str) -> dict[str, object]:
             "epochs": len(client.get_metric_history(run.info.run_id, "train/loss")),
             "eval": {k: round(x, 6) for k, x in run.data.metrics.items() if k.startswith("eval/")},
             "artifacts": _artifacts(client, run.info.run_id),
-            "registered": "champion" in client.get_registered_model(f"ae-repr-{v}").aliases,
+            "registered": "champion" in client.get_registered_model(f"ae-repr-digits-{v}").aliases,
         }
     return out
 
