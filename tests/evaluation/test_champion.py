@@ -127,3 +127,27 @@ def test_paired_test_reports_accuracies_and_margin_with_intervals(b, c, both, ne
     assert f"margin {t.margin:+.4f} [{low:+.4f}, {high:+.4f}]" in t.describe()
     lo_new, hi_new = _wilson(b + both, n)
     assert f"new {t.new_val_accuracy:.4f} [{lo_new:.4f}, {hi_new:.4f}]" in t.describe()
+
+
+def test_the_raw_rows_behind_features_follow_a_changed_data_file(tmp_path):
+    """A data file rewritten in the same process (a retrain on changed data) is read again, not served stale."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from ae_repr.data import load_dataset
+    from evaluation.inputs import dataset_of
+
+    path = tmp_path / "data.npz"
+    rng = np.random.default_rng(0)
+    seen = []
+    for _ in range(2):
+        np.savez(path, x=rng.normal(size=(40, 3)).astype(np.float32), y=np.arange(40) % 2)
+        ds = load_dataset(str(path))
+        ff = SimpleNamespace(meta={"dataset": str(path), "dataset_sha256": ds.sha256}, path=tmp_path / "f.parquet",
+                             frame=pd.DataFrame({"sample_id": ds.sample_id}))
+        got, pos = dataset_of(ff)
+        assert got.sha256 == ds.sha256
+        np.testing.assert_array_equal(got.x[pos], ds.x)
+        seen.append(got.sha256)
+    assert seen[0] != seen[1]
