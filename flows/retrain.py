@@ -264,7 +264,6 @@ def retrain(
     message = final_message(data_name, decisions)
     if not state.is_completed():
         message = f"pretrain-and-probe: {state.message}; {message}"
-    for d in decisions:
+    for d in decisions:  # the final state's message repeats them, in the engine's "Finished in state" line
         logger.info("%s", d.line())
-    logger.info("%s", message)
     return Completed(message=message, data=result) if state.is_completed() else Failed(message=message)
