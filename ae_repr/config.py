@@ -196,7 +196,7 @@ class TrackingConfig(_Frozen):
 
     enabled: bool = True
     experiment: str = Field("pretrain-and-probe", min_length=1)
-    register_models: bool = True  # as `ae-repr-<variant>`; the first version gets the `champion` alias
+    register_models: bool = True  # as `ae-repr-<dataset slug>-<variant>`; its first version gets the `champion` alias
     log_models: bool = True
     log_plots: bool = True  # upload the per-variant figures (the flow draws them under plots/<variant>/ either way)
     connect_timeout_s: float = Field(10.0, gt=0, le=30)  # at start: an unreachable server fails the run this fast

@@ -8,6 +8,13 @@ data's own split rule, over the rows in sample_id order): every run over the sam
 rows. The two heads' per-row correctness goes into McNemar's exact test: of the discordant rows (one
 head right, the other wrong), the number the new head gets right is Binomial(b + c, 1/2) when both are
 equally good, and the one-sided p-value is P(X >= b). The new model is promoted only when p <= alpha.
+
+What a decision reports beside p: each head's validation accuracy with its 95% Wilson interval, and the
+margin (new minus champion accuracy, (b - c) / n) with a 95% interval conditional on the b + c discordant
+rows, as the test is: the Clopper-Pearson interval of the new head's share b / (b + c) of them, mapped
+through (2 share - 1)(b + c) / n. The one-sided test at alpha = 0.05 rejects exactly when the one-sided
+95% lower bound of that share exceeds 1/2, so this two-sided interval can still reach 0 for
+0.025 < p <= 0.05.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from .inputs import dataset_of, labels, split_mask
 from .probe import fit_frozen_head
 
 log = logging.getLogger(__name__)
+CONFIDENCE = 0.95  # of the intervals a decision reports (as evaluation.intervals)
 
 
 @dataclass(frozen=True)
@@ -46,16 +54,50 @@ class PairedTest:
         """The new model is significantly better at level alpha."""
         return self.p_value <= self.alpha
 
+    @property
+    def margin(self) -> float:
+        """New minus champion validation accuracy: (b - c) / rows."""
+        return (self.new_only - self.champion_only) / self.val_rows if self.val_rows else 0.0
+
+    def margin_interval(self) -> tuple[float, float]:
+        """The margin's 95% interval given the discordant rows: Clopper-Pearson on b / (b + c), as (2 s - 1)(b + c) / n."""
+        discordant = self.new_only + self.champion_only
+        if not discordant:
+            return 0.0, 0.0
+        share = binomtest(self.new_only, discordant).proportion_ci(CONFIDENCE, method="exact")
+        scale = discordant / self.val_rows
+        return (2 * share.low - 1) * scale, (2 * share.high - 1) * scale
+
+    def accuracy_interval(self, accuracy: float) -> tuple[float, float]:
+        """The 95% Wilson interval of a validation accuracy over the `val_rows` rows."""
+        if not self.val_rows:
+            return float("nan"), float("nan")
+        ci = binomtest(round(accuracy * self.val_rows), self.val_rows).proportion_ci(CONFIDENCE, method="wilson")
+        return float(ci.low), float(ci.high)
+
     def describe(self) -> str:
-        """One line: accuracies, discordant counts, p-value against alpha."""
+        """One line: accuracies and the margin with their intervals, discordant counts, p-value against alpha."""
         relation = "<=" if self.better else ">"
-        return (f"validation accuracy new {self.new_val_accuracy:.4f} vs champion {self.champion_val_accuracy:.4f} on "
-                f"{self.val_rows} rows; discordant {self.new_only} new-only vs {self.champion_only} champion-only "
-                f"correct, McNemar exact one-sided p = {self.p_value:.4g} {relation} alpha {self.alpha:g}")
+
+        def acc(a: float) -> str:
+            lo, hi = self.accuracy_interval(a)
+            return f"{a:.4f} [{lo:.4f}, {hi:.4f}]"
+
+        lo, hi = self.margin_interval()
+        return (f"validation accuracy new {acc(self.new_val_accuracy)} vs champion {acc(self.champion_val_accuracy)} "
+                f"on {self.val_rows} rows, margin {self.margin:+.4f} [{lo:+.4f}, {hi:+.4f}] (95% intervals); "
+                f"discordant {self.new_only} new-only vs {self.champion_only} champion-only correct, McNemar exact "
+                f"one-sided p = {self.p_value:.4g} {relation} alpha {self.alpha:g}")
 
     def as_dict(self) -> dict[str, float | int]:
-        """The numbers, by field name."""
-        return asdict(self)
+        """The numbers by field name, the margin, and each interval as `<name>/ci_low`, `<name>/ci_high`."""
+        out: dict[str, float | int] = {**asdict(self), "margin": self.margin}
+        bounds = {"new_val_accuracy": self.accuracy_interval(self.new_val_accuracy),
+                  "champion_val_accuracy": self.accuracy_interval(self.champion_val_accuracy),
+                  "margin": self.margin_interval()}
+        for name, (lo, hi) in bounds.items():
+            out[f"{name}/ci_low"], out[f"{name}/ci_high"] = float(lo), float(hi)
+        return out
 
 
 def mcnemar_exact(new_correct: np.ndarray, champion_correct: np.ndarray, alpha: float = 0.05) -> PairedTest:

@@ -152,7 +152,8 @@ def model_dir(ff: FeatureFile) -> Path | None:
 
 
 @functools.lru_cache(maxsize=2)
-def _dataset(spec: str) -> Dataset:
+def _dataset(spec: str, sha256: str | None = None) -> Dataset:
+    # keyed by the checksum the feature file recorded too: a data file changed since an earlier load is read again
     return load_dataset(spec)
 
 
@@ -170,7 +171,7 @@ def dataset_of(ff: FeatureFile) -> tuple[Dataset, np.ndarray]:
     spec = ff.meta.get("dataset")
     if not spec:
         raise UserError(f"{ff.path}: metadata has no 'dataset'; cannot recover the raw inputs")
-    ds = _dataset(spec)
+    ds = _dataset(spec, ff.meta.get("dataset_sha256"))
     if ff.meta.get("dataset_sha256") and ff.meta["dataset_sha256"] != ds.sha256:
         log.warning("%s: data set %s hash differs from the one recorded at extraction", ff.path.name, spec)
     pos = pd.Index(ds.sample_id).get_indexer(ff.frame["sample_id"].to_numpy())

@@ -32,7 +32,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 import ae_repr
 from ae_repr.checkpoint import DESCRIPTION, WEIGHTS
 from ae_repr.config import ExperimentConfig, load_config, validate_config
-from ae_repr.data import Dataset, load_dataset
+from ae_repr.data import Dataset, load_dataset, parse_dataset_spec
 from ae_repr.features import extract_features
 from ae_repr.io import read_json, sha256_file, write_json
 from ae_repr.train import torch_threads, train_variant
@@ -76,14 +76,26 @@ logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutNote())
 
 
 @functools.lru_cache(maxsize=4)
-def _data(spec: str, test_fraction: float, seed: int) -> Dataset:
-    # one load per process: the tasks of a flow run share it (threads), instead of each re-reading
+def _data(spec: str, test_fraction: float, seed: int, stamp: tuple[int, ...] | None = None) -> Dataset:
+    # one load per process: the tasks of a flow run share it (threads), instead of each re-reading; `stamp` only
+    # keys the cache (a changed data file is a new entry)
     return load_dataset(spec, test_fraction=test_fraction, seed=seed)
 
 
+def _stamp(spec: str) -> tuple[int, ...] | None:
+    """Modification times and sizes of a file-backed data set's files (None for the built-in ones)."""
+    try:
+        path = parse_dataset_spec(spec).path
+        files = sorted(path.iterdir()) if path is not None and path.is_dir() else [path] if path is not None else []
+        return tuple(x for f in files for x in (f.stat().st_mtime_ns, f.stat().st_size))
+    except Exception:  # the load reports a bad spec or path itself
+        return None
+
+
 def data_for(cfg: ExperimentConfig) -> Dataset:
-    """The (process-cached) data set a config names."""
-    return _data(cfg.data.dataset, cfg.data.test_fraction, cfg.data.split_seed)
+    """The (process-cached) data set a config names; a data file changed since it was loaded is loaded again."""
+    spec = cfg.data.dataset
+    return _data(spec, cfg.data.test_fraction, cfg.data.split_seed, _stamp(spec))
 
 
 class _Clock:

@@ -54,7 +54,11 @@ def compare_runs(experiment: str, last: int = 5, dataset: str | None = None) -> 
                                       max_results=1000)
         run = {"run": p.info.run_name, "started": pd.Timestamp(p.info.start_time, unit="ms").floor("s"),
                "dataset": p.data.tags.get("dataset") or p.data.params.get("data.dataset", "")}
-        variants = sorted(children, key=lambda r: r.data.tags.get("variant", ""))
+        # a baseline's own child run (runs recorded before them: none) stands for its numbers on the parent
+        baseline_runs = {c.data.tags.get("representation"): c.info.run_id for c in children
+                         if c.data.tags.get(rec.KIND_TAG) == rec.BASELINE_KIND}
+        variants = sorted((c for c in children if c.data.tags.get(rec.KIND_TAG) != rec.BASELINE_KIND),
+                          key=lambda r: r.data.tags.get("variant", ""))
         for c in variants:
             rows.append({**run, "representation": c.data.tags.get("variant", c.info.run_name), "kind": "variant",
                          "status": c.info.status, "parent_run_id": p.info.run_id, "run_id": c.info.run_id,
@@ -62,7 +66,8 @@ def compare_runs(experiment: str, last: int = 5, dataset: str | None = None) -> 
         learned = {c.data.tags.get("variant", c.info.run_name) for c in variants}
         for name, metrics in sorted(baselines(p.data.metrics, learned).items()):
             rows.append({**run, "representation": name, "kind": "baseline", "status": p.info.status,
-                         "parent_run_id": p.info.run_id, "run_id": p.info.run_id, **metrics})
+                         "parent_run_id": p.info.run_id, "run_id": baseline_runs.get(name, p.info.run_id),
+                         **metrics})
     frame = pd.DataFrame(rows)
     url = ui_view_url(uri, exp.experiment_id)
     if frame.empty:

@@ -1,4 +1,4 @@
-"""The recording of one run in MLflow: a parent run, one child run per variant, and their end.
+"""The recording of one run in MLflow: a parent run, one child run per variant and per baseline, and their end.
 
 One sequence serves both callers. Live tracking drives it from the flow as the work happens
 (per-epoch and evaluation metrics stream through the callbacks); `ae-repr log-run OUT` replays it
@@ -63,6 +63,7 @@ class Recorder:
         self.parent_id: str | None = None
         self.parent_url: str | None = None
         self.runs: dict[str, str | None] = {}  # variant -> child run id
+        self.baseline_runs: dict[str, str | None] = {}  # baseline -> child run id (made with the results)
         self._session: Session | None = None
         self._commit = "unknown"
         self._lock = threading.Lock()
@@ -196,9 +197,23 @@ class Recorder:
             metrics, best = rec.headline_metrics(summary, variants)
             session.log_metrics(self.parent_id, [(k, v, 0) for k, v in metrics.items()])
             tags.update(best)
+            for name in rec.baseline_names(summary, variants) if self.parent_id is not None else []:
+                session.writer.submit(f"baseline run {name}", lambda n=name: self._baseline_run(n, summary),
+                                      self.parent_id)
         if tags:
             session.log_tags(self.parent_id, tags)
         session.log_artifacts(self.parent_id, rec.parent_artifacts(self.out_dir))
+
+    def _baseline_run(self, name: str, summary: Any) -> None:
+        """A finished child run holding one baseline's numbers under the variants' metric names (on the writer)."""
+        session = self._session
+        assert session is not None and self.parent_id is not None
+        run_id = session.create_run(rec.baseline_run_name(name),
+                                    rec.baseline_tags(self.parent_id, name, self.info, self._commit))
+        self.baseline_runs[name] = run_id
+        session.log_metrics(run_id, [(k, v, 0) for k, v in rec.eval_metrics(summary, name).items()])
+        session.log_dataset(run_id, self.info)
+        session.terminate(run_id, "FINISHED")
 
     def end_runs(self, failures: Mapping[str, str]) -> None:
         """End the variant runs and the parent: FAILED (with the reason) for failures, else FINISHED."""
@@ -243,6 +258,7 @@ class Recorder:
             "experiment": self.settings.experiment,
             "parent_run_id": self.parent_id,
             "runs": self.runs,
+            "baseline_runs": self.baseline_runs,
             "prefect": self.flow_run,
             "offline_since": session.writer.offline_since,
             "queue_drained": drained,
@@ -325,7 +341,8 @@ def _supersede(session: Session, pending: Mapping[str, Any], parent_id: str) -> 
     """Mark the partial runs of a live attempt as replaced by the upload (when the server has them)."""
     from mlflow.exceptions import MlflowException
 
-    old = [r for r in (pending.get("parent_run_id"), *(pending.get("runs") or {}).values()) if r]
+    old = [r for r in (pending.get("parent_run_id"), *(pending.get("runs") or {}).values(),
+                       *(pending.get("baseline_runs") or {}).values()) if r]
 
     def mark() -> None:
         for run_id in old:

@@ -1,30 +1,94 @@
-"""Exporting a variant's encoder as an MLflow model, and registering it (the first version is the champion)."""
+"""Exporting a variant's encoder as an MLflow model, and registering it under its data set's name.
+
+Registered names separate data sets (`ae-repr-<dataset slug>-<variant>`), so a model trained on one data
+set is never compared with, or made the champion of, another's; each name has its own `champion` alias,
+which the first version registered gets. A model whose weights are already a version of its name (the
+training was served from the cache, or retraining reproduced the same weights) registers nothing: its run
+is tagged with that version instead.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ae_repr.checkpoint import DESCRIPTION, WEIGHTS
+from ae_repr.io import read_json, sha256_file
+
 from .record import safe
+
+log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 MODEL_NAME = "encoder"
+# on a variant's run: which registered model and version hold its encoder, and whether the run registered it
+REGISTERED_MODEL_TAG = "ae_repr.registered_model"
+MODEL_VERSION_TAG = "ae_repr.model_version"
+REGISTRY_TAG = "ae_repr.registry"  # REGISTERED | UNCHANGED
+REGISTERED, UNCHANGED = "registered", "unchanged"
+WEIGHTS_TAG = "weights_sha256"  # on every model version: the checksum of the weights it was exported from
+_SLUG_MAX = 48  # characters of the data set in a registered name
 
 
-def registered_name(variant: str) -> str:
-    """The registered model name of a variant's encoder."""
-    return f"ae-repr-{variant}"
+def dataset_slug(dataset: str) -> str:
+    """A data set's name (its --dataset spec) as registered names carry it: lower case, other runs as `-`.
+
+    `digits` -> `digits`, `dsprites:2000` -> `dsprites-2000`, `/data/scans.npz` -> `data-scans-npz`; a
+    longer one keeps its end and gains a hash of the whole, so two long paths stay apart.
+    """
+    name = str(dataset).strip()
+    slug = re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-_") or "data"
+    if len(slug) > _SLUG_MAX:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        slug = f"{slug[-(_SLUG_MAX - 9):].strip('-_')}-{digest}"
+    return slug
+
+
+def registered_name(variant: str, dataset: str) -> str:
+    """The registered model name of a variant's encoder trained on `dataset`."""
+    return f"ae-repr-{dataset_slug(dataset)}-{variant}"
+
+
+def weights_checksum(model_dir: Path) -> str:
+    """The sha256 of a model folder's weights, as its description records it."""
+    desc = model_dir / DESCRIPTION
+    recorded = read_json(desc).get("weights_sha256") if desc.is_file() else None
+    return str(recorded) if recorded else sha256_file(model_dir / WEIGHTS)
+
+
+def version_with_weights(client: Any, name: str, weights: str) -> Any | None:
+    """The lowest version of registered model `name` exported from weights with checksum `weights`, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.`{WEIGHTS_TAG}` = '{weights}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    return min(found, key=lambda v: int(v.version)) if found else None
 
 
 def log_encoder(client: Any, run_id: str, variant: str, model_dir: Path, example: np.ndarray,
                 info: dict[str, Any], *, register: bool) -> None:
-    """Log the variant's encoder (raw inputs -> representation) to a run; register it when `register`.
+    """Log the variant's encoder (raw inputs -> representation) to a run and register it when `register`,
+    unless its weights are already a registered version of its name: then the run is tagged with that one.
 
     `client` is the session's MlflowClient; the process-wide tracking URI must name the same store
     (log_model and the registry resolve it, not the client's).
     """
+    name = registered_name(variant, str(info.get("dataset")))
+    weights = weights_checksum(model_dir)
+    if register and (same := version_with_weights(client, name, weights)) is not None:
+        client.set_tag(run_id, REGISTERED_MODEL_TAG, name)
+        client.set_tag(run_id, MODEL_VERSION_TAG, str(same.version))
+        client.set_tag(run_id, REGISTRY_TAG, UNCHANGED)
+        log.info("MLflow: %s unchanged since version %s (same weights, sha256 %s): nothing registered", name,
+                 same.version, weights[:12])
+        return
     import mlflow
     import torch
     from mlflow.models import ModelSignature
@@ -36,16 +100,28 @@ def log_encoder(client: Any, run_id: str, variant: str, model_dir: Path, example
     x = np.ascontiguousarray(example, dtype=np.float32).reshape(-1, *enc.input_shape)  # (B, *input_shape)
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *enc.input_shape))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, enc.latent_dim))]))
+    identity = safe({"variant": variant, "dataset": info.get("dataset"), "dataset_sha256": info.get("sha256"),
+                     WEIGHTS_TAG: weights})
     model = mlflow.pytorch.log_model(
         enc, name=MODEL_NAME, run_id=run_id, signature=signature, input_example=x,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-        registered_model_name=registered_name(variant) if register else None,
+        registered_model_name=name if register else None,
         validate_serving_input=False,  # a reload + predict per model; the tests load and run the model
-        metadata=safe({"variant": variant, "latent_dim": enc.latent_dim, "dataset": info.get("dataset"),
-                       "dataset_sha256": info.get("sha256"), "input": "raw rows, float32"}),
+        metadata=safe({**identity, "latent_dim": enc.latent_dim, "input": "raw rows, float32"}),
     )
     version = getattr(model, "registered_model_version", None)
     if register and version is not None:
-        name = registered_name(variant)
-        if CHAMPION not in client.get_registered_model(name).aliases:
+        for key, value in identity.items():
+            client.set_model_version_tag(name, str(version), key, value)
+        registered = client.get_registered_model(name)
+        if "dataset" not in registered.tags:
+            client.set_registered_model_tag(name, "dataset", identity.get("dataset", ""))
+            client.set_registered_model_tag(name, "variant", variant)
+            client.update_registered_model(name, description=f"{variant} encoder trained on "
+                                                             f"{identity.get('dataset', '?')}: raw rows in, "
+                                                             "representation out")
+        if CHAMPION not in registered.aliases:
             client.set_registered_model_alias(name, CHAMPION, str(version))
+        client.set_tag(run_id, REGISTERED_MODEL_TAG, name)
+        client.set_tag(run_id, MODEL_VERSION_TAG, str(version))
+        client.set_tag(run_id, REGISTRY_TAG, REGISTERED)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from ae_repr.config import ExperimentConfig
 
-PARENT_KIND, VARIANT_KIND = "parent", "variant"
+PARENT_KIND, VARIANT_KIND, BASELINE_KIND = "parent", "variant", "baseline"
 KIND_TAG = "ae_repr.run_kind"
 HEADLINE = "linear_probe_accuracy"  # the parent's per-representation headline metric
 HEADLINE_METRICS = ("eval/linear_probe_accuracy", "eval/linear_probe_macro_f1", "eval/knn_accuracy_5nn",
@@ -117,6 +117,7 @@ def variant_tags(parent_id: str, variant: str, info: Mapping[str, Any], commit: 
         "mlflow.parentRunId": parent_id,
         KIND_TAG: VARIANT_KIND,
         "variant": variant,
+        "representation": variant,
         "dataset": info.get("dataset"),
         "dataset_sha256": info.get("sha256"),
         "git_commit": commit,
@@ -161,18 +162,45 @@ def interval_of(key: str) -> tuple[str, str | None]:
     return (head, last) if head and last in INTERVAL else (key, None)
 
 
-def baseline_metrics(summary: pd.DataFrame, variants: Iterable[str]) -> dict[str, float]:
-    """The parent's `baseline/<name>/<task>_<metric>[/ci_low|/ci_high]`: the headline numbers of every
-    representation that is not a trained variant (raw, pca, ...), so `ae-repr compare` can show them."""
+def baseline_names(summary: pd.DataFrame, variants: Iterable[str]) -> list[str]:
+    """The representations of a summary that are not trained variants and have a headline number (raw, pca, ...)."""
     learned = set(variants)
-    out: dict[str, float] = {}
+    out = []
     for name in summary["representation"].unique():
         if name in learned or "@" in name:  # a variant, or one pretraining seed of one
             continue
+        if any(interval_of(key)[0] in HEADLINE_METRICS for key in eval_metrics(summary, name)):
+            out.append(str(name))
+    return out
+
+
+def baseline_metrics(summary: pd.DataFrame, variants: Iterable[str]) -> dict[str, float]:
+    """The parent's `baseline/<name>/<task>_<metric>[/ci_low|/ci_high]`: the headline numbers of every
+    representation that is not a trained variant (raw, pca, ...), so `ae-repr compare` can show them."""
+    out: dict[str, float] = {}
+    for name in baseline_names(summary, variants):
         for key, value in eval_metrics(summary, name).items():
             if interval_of(key)[0] in HEADLINE_METRICS:
                 out[f"{BASELINE_PREFIX}{name}/{key.removeprefix('eval/')}"] = value
     return out
+
+
+def baseline_run_name(name: str) -> str:
+    """A baseline's child run name: the representation, marked as a baseline where runs are listed."""
+    return f"{name} (baseline)"
+
+
+def baseline_tags(parent_id: str, name: str, info: Mapping[str, Any], commit: str) -> dict[str, str]:
+    """A baseline's child run tags: nesting, the kind, the representation, the data set identity."""
+    return safe({
+        "mlflow.parentRunId": parent_id,
+        KIND_TAG: BASELINE_KIND,
+        "representation": name,
+        "dataset": info.get("dataset"),
+        "dataset_sha256": info.get("sha256"),
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit if commit != "unknown" else None,
+    })
 
 
 def headline_metrics(summary: pd.DataFrame, variants: Iterable[str]) -> tuple[dict[str, float], dict[str, str]]:
@@ -235,16 +263,17 @@ def read_summary(out_dir: Path) -> pd.DataFrame | None:
 
 
 def variants_view() -> dict[str, Any]:
-    """The MLflow UI's runs-table state listing every variant run, best linear probe first, headline columns shown.
+    """The MLflow UI's runs-table state listing every variant and baseline run side by side, best linear probe
+    first, the headline columns shown (a baseline run carries the same `eval/*` names as a variant's).
 
     Stored as the experiment tag `mlflow.sharedViewState.<VIEW_KEY>`; a sort key other than the start time
     makes the table list child runs flat instead of folded under their parents.
     """
     return {
-        "searchFilter": f"tags.`{KIND_TAG}` = '{VARIANT_KIND}'",
+        "searchFilter": f"tags.`{KIND_TAG}` != '{PARENT_KIND}'",
         "orderByKey": f"metrics.`{HEADLINE_METRICS[0]}`",
         "orderByAsc": False,
-        "selectedColumns": ["tags.`variant`", "tags.`dataset`", *(f"metrics.`{m}`" for m in HEADLINE_METRICS)],
+        "selectedColumns": [f"tags.`{KIND_TAG}`", "tags.`dataset`", *(f"metrics.`{m}`" for m in HEADLINE_METRICS)],
     }
 
 

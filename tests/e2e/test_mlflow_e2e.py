@@ -132,7 +132,8 @@ def test_run_is_tracked_on_the_server(tracked_run):
     (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`ae_repr.run_kind` = 'parent'")
     assert parent.data.tags["prefect.flow_run_id"] and parent.info.status == "FINISHED"
     children = {r.data.tags["variant"]: r for r in client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                                           "tags.`ae_repr.run_kind` = 'variant'")}
     assert set(children) == set(VARIANTS)
     for v, run in children.items():
         rid = run.info.run_id
@@ -145,7 +146,7 @@ def test_run_is_tracked_on_the_server(tracked_run):
         assert [a.path for a in client.list_artifacts(rid, "features")] == [f"features/{v}.parquet"]
         local = client.download_artifacts(rid, "plots/loss_curves.png", str(out.parent))
         assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        model = client.get_registered_model(f"ae-repr-{v}")
+        model = client.get_registered_model(f"ae-repr-digits-{v}")
         assert "champion" in model.aliases
     assert not (out / "tracking_pending.json").exists()
 
@@ -163,8 +164,9 @@ def _dom(url: str, tmp: Path) -> str:
     return html.unescape(proc.stdout)
 
 
-def test_ui_shows_variant_runs_and_metrics(tracked_run, tmp_path):
-    """The experiment's shared view lists the variant runs flat with headline metric columns."""
+def test_ui_shows_variant_and_baseline_runs_and_metrics(tracked_run, tmp_path):
+    """The experiment's shared view lists the variant and baseline runs flat, in one table, with headline metric
+    columns: the baselines' numbers beside the variants'."""
     from mlflow import MlflowClient
 
     url, _ = tracked_run
@@ -172,14 +174,17 @@ def test_ui_shows_variant_runs_and_metrics(tracked_run, tmp_path):
     exp = client.get_experiment_by_name("pretrain-and-probe")
     assert "mlflow.sharedViewState.variants" in exp.tags
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`ae_repr.run_kind` = 'variant'")
+    baselines = client.search_runs([exp.experiment_id], filter_string="tags.`ae_repr.run_kind` = 'baseline'")
     dom = _dom(f"{url}/#/experiments/{exp.experiment_id}/runs?viewStateShareKey=variants", tmp_path / "chromium")
     cells = {line.strip() for line in re.sub(r"<[^>]+>", "\n", dom).splitlines()}  # the page's text nodes
     shown = sorted(c for c in cells if c and not c.startswith(("#", ".", "@", "-")) and "{" not in c)
     assert {r.info.run_name for r in runs} == set(VARIANTS)
+    assert {r.info.run_name for r in baselines} == {"pca (baseline)"}
     assert set(VARIANTS) <= cells, f"variant runs not in the UI's runs table: {shown[:120]}"
+    assert "pca (baseline)" in cells, f"the baseline's run is not in the same runs table: {shown[:120]}"
     assert "eval/linear_probe_accuracy" in cells, f"no metric column in the runs table: {shown[:120]}"
-    for r in runs:  # the metric's values are in the table, not just its name
-        assert repr(r.data.metrics["eval/linear_probe_accuracy"]) in cells, shown[:120]
+    for r in [*runs, *baselines]:  # the metric's values are in the table, not just its name
+        assert repr(r.data.metrics["eval/linear_probe_accuracy"]) in cells, (r.info.run_name, shown[:120])
 
 
 def test_unreachable_server_fails_fast_before_training(tmp_path):
@@ -236,7 +241,8 @@ def test_two_runs_at_once_into_one_server_lose_nothing_and_mark_a_diverged_varia
     assert statuses == ["FAILED", "FINISHED"], statuses
     for parent in parents:
         children = {r.data.tags["variant"]: r for r in client.search_runs(
-            [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+            [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                                               "tags.`ae_repr.run_kind` = 'variant'")}
         assert set(children) == set(VARIANTS)
         failed = parent.info.status == "FAILED"
         for v, run in children.items():

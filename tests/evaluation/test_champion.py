@@ -95,3 +95,59 @@ def test_compare_with_champion_encodes_the_raw_rows(tmp_path, synth):
 
     got = compare_with_champion(ff, FirstColumns(), CFG)
     assert got == paired_probe_test(synth.x[:, :4], synth.x[:, 4:8], ff, CFG)
+
+
+def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval, from its formula."""
+    p = k / n
+    mid, half = (p + z**2 / (2 * n)) / (1 + z**2 / n), z / (1 + z**2 / n) * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    return mid - half, mid + half
+
+
+@pytest.mark.parametrize(("b", "c", "both", "neither"), [(12, 3, 100, 7), (14, 12, 380, 44), (0, 5, 40, 2), (9, 0, 0, 0)])
+def test_paired_test_reports_accuracies_and_margin_with_intervals(b, c, both, neither):
+    from scipy.stats import beta
+
+    t = mcnemar_exact(*_pairs(b, c, both, neither))
+    n, d = b + c + both + neither, b + c
+    assert t.margin == pytest.approx((b - c) / n)
+    for acc, k in ((t.new_val_accuracy, b + both), (t.champion_val_accuracy, c + both)):
+        assert t.accuracy_interval(acc) == pytest.approx(_wilson(k, n))
+    # Clopper-Pearson on the new model's share of the discordant rows, from beta quantiles
+    lo = beta.ppf(0.025, b, d - b + 1) if b else 0.0
+    hi = beta.ppf(0.975, b + 1, d - b) if b < d else 1.0
+    assert t.margin_interval() == pytest.approx(((2 * lo - 1) * d / n, (2 * hi - 1) * d / n))
+    low, high = t.margin_interval()
+    assert low <= t.margin <= high
+    # the two-sided 95% interval clears 0 exactly when the one-sided test rejects at 0.025
+    assert (low > 0) is (t.p_value <= 0.025)
+    numbers = t.as_dict()
+    assert (numbers["margin/ci_low"], numbers["margin/ci_high"]) == pytest.approx((low, high))
+    assert numbers["new_val_accuracy/ci_low"] == pytest.approx(_wilson(b + both, n)[0])
+    assert f"margin {t.margin:+.4f} [{low:+.4f}, {high:+.4f}]" in t.describe()
+    lo_new, hi_new = _wilson(b + both, n)
+    assert f"new {t.new_val_accuracy:.4f} [{lo_new:.4f}, {hi_new:.4f}]" in t.describe()
+
+
+def test_the_raw_rows_behind_features_follow_a_changed_data_file(tmp_path):
+    """A data file rewritten in the same process (a retrain on changed data) is read again, not served stale."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from ae_repr.data import load_dataset
+    from evaluation.inputs import dataset_of
+
+    path = tmp_path / "data.npz"
+    rng = np.random.default_rng(0)
+    seen = []
+    for _ in range(2):
+        np.savez(path, x=rng.normal(size=(40, 3)).astype(np.float32), y=np.arange(40) % 2)
+        ds = load_dataset(str(path))
+        ff = SimpleNamespace(meta={"dataset": str(path), "dataset_sha256": ds.sha256}, path=tmp_path / "f.parquet",
+                             frame=pd.DataFrame({"sample_id": ds.sample_id}))
+        got, pos = dataset_of(ff)
+        assert got.sha256 == ds.sha256
+        np.testing.assert_array_equal(got.x[pos], ds.x)
+        seen.append(got.sha256)
+    assert seen[0] != seen[1]

@@ -47,6 +47,12 @@ def _record(client: MlflowClient, exp_id: str, dataset: str, summary: pd.DataFra
         for k, v in rec.eval_metrics(summary, variant).items():
             client.log_metric(child.info.run_id, k, v)
         client.set_terminated(child.info.run_id)
+    for name in [] if old else rec.baseline_names(summary, VARIANTS):  # and one child per baseline
+        child = client.create_run(exp_id, tags=rec.baseline_tags(parent.info.run_id, name, {"dataset": dataset},
+                                                                 "unknown"), run_name=rec.baseline_run_name(name))
+        for k, v in rec.eval_metrics(summary, name).items():
+            client.log_metric(child.info.run_id, k, v)
+        client.set_terminated(child.info.run_id)
     client.set_terminated(parent.info.run_id)
     return parent.info.run_id
 
@@ -84,10 +90,12 @@ def test_compare_lists_baselines_beside_variants_with_dataset_and_intervals(stor
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     table = compare_runs(EXPERIMENT, 5).table
-    assert len(table) == 8
+    assert len(table) == 8  # a baseline's own child run is no variant, and no second row
     digits = table[table["dataset"] == "digits"].set_index("representation")
     assert set(digits.index) == {"ae", "vae", "raw", "pca"}
     assert digits.loc["raw", "kind"] == "baseline" and digits.loc["ae", "kind"] == "variant"
+    raw_run = MlflowClient(store).get_run(digits.loc["raw", "run_id"])  # the row links the baseline's run
+    assert raw_run.info.run_name == "raw (baseline)" and raw_run.data.tags[rec.KIND_TAG] == rec.BASELINE_KIND
     assert digits.loc["raw", "eval/linear_probe_accuracy"] == pytest.approx(0.7012)
     assert digits.loc["ae", "eval/linear_probe_accuracy/ci_high"] == pytest.approx(0.9762)
     text = format_table(table)

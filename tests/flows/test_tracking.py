@@ -71,10 +71,12 @@ def _client(uri: str) -> MlflowClient:
     return MlflowClient(uri, registry_uri=uri)  # else the registry follows the process-wide tracking URI
 
 
-def _children(client: MlflowClient, parent_id: str) -> dict[str, object]:
+def _children(client: MlflowClient, parent_id: str, kind: str = "variant") -> dict[str, object]:
+    """A parent's child runs of one kind (variant, baseline), by representation."""
     runs = client.search_runs([client.get_run(parent_id).info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    return {r.data.tags["variant"]: r for r in runs}
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                            f"tags.`ae_repr.run_kind` = '{kind}'")
+    return {r.data.tags["representation"]: r for r in runs}
 
 
 def _parent(client: MlflowClient, experiment: str = "pretrain-and-probe"):
@@ -165,6 +167,63 @@ def test_variant_runs(tracked):
         assert read_features(out / "features" / f"{v}.parquet").meta["mlflow_run_id"] == rid
 
 
+def test_baseline_runs_sit_beside_the_variant_runs(tracked):
+    """Each baseline is a finished child run with the variants' metric names, and the experiment's saved view
+    lists baselines and variants together, best linear probe first."""
+    import json
+
+    uri, out = tracked
+    client = _client(uri)
+    exp, parent = _parent(client)
+    baselines = _children(client, parent.info.run_id, "baseline")
+    assert set(baselines) == {"pca"}  # the configured baseline; chance and the application references have no
+    # headline number
+    summary = pd.read_parquet(out / "summary.parquet").set_index(["representation", "task", "metric"])
+    run = baselines["pca"]
+    assert run.info.run_name == "pca (baseline)" and run.info.status == "FINISHED"
+    assert run.data.tags["dataset"] == "digits" and "variant" not in run.data.tags
+    row = summary.loc[("pca", "linear_probe", "accuracy")]
+    assert run.data.metrics["eval/linear_probe_accuracy"] == pytest.approx(row["value"])
+    assert run.data.metrics["eval/linear_probe_accuracy/ci_low"] == pytest.approx(row["ci_low"])
+    assert run.data.metrics["eval/knn_accuracy_5nn"] == pytest.approx(summary.loc[("pca", "knn", "accuracy_5nn"),
+                                                                                  "value"])
+    variant_keys = set(_children(client, parent.info.run_id)["ae"].data.metrics)
+    assert {k for k in run.data.metrics if k.startswith("eval/linear_probe")} <= variant_keys  # one column each
+    # the saved view, as the UI asks the server for it
+    view = json.loads(exp.tags["mlflow.sharedViewState.variants"])
+    listed = client.search_runs([exp.experiment_id], filter_string=view["searchFilter"],
+                                order_by=[f"{view['orderByKey']} DESC"])
+    names = [r.info.run_name for r in listed]
+    assert {*VARIANTS, "pca (baseline)"} <= set(names) and not any(":" in n for n in names)  # no parent runs
+    accuracies = [r.data.metrics["eval/linear_probe_accuracy"] for r in listed]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert "metrics.`eval/linear_probe_accuracy`" in view["selectedColumns"]
+
+
+def test_headline_artifact_shows_baselines_beside_variants(tracked):
+    """The flow run's `headline-results` markdown has a row per variant and per baseline with its linear probe."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    uri, out = tracked
+    _, parent = _parent(_client(uri))
+    with get_client(sync_client=True) as pc:
+        (artifact,) = pc.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[parent.data.tags["prefect.flow_run_id"]]),
+            key=ArtifactFilterKey(any_=["headline-results"])))
+    lines = artifact.data.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| representation | linear probe acc |"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = {line.split("|")[1].strip(): line for line in lines[start + 2 : end]}  # the headline table's rows
+    summary = pd.read_parquet(out / "summary.parquet")
+    probe = summary[(summary.task == "linear_probe") & (summary.metric == "accuracy")].set_index("representation")
+    for name in (*VARIANTS, "pca"):
+        r = probe.loc[name]
+        assert name in rows, f"{name} missing from the headline artifact: {sorted(rows)}"
+        first = rows[name].split("|")[2].strip().strip("*")  # the linear probe column, bold or not
+        assert first == f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", rows[name]
+
+
 def test_registered_encoder_encodes_new_data(tracked, monkeypatch):
     import mlflow
     import torch
@@ -174,16 +233,16 @@ def test_registered_encoder_encodes_new_data(tracked, monkeypatch):
     uri, out = tracked
     client = _client(uri)
     for v in VARIANTS:
-        assert "champion" in client.get_registered_model(f"ae-repr-{v}").aliases
+        assert "champion" in client.get_registered_model(f"ae-repr-digits-{v}").aliases
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # set_tracking_uri exports it too: put it back afterwards
     mlflow.set_tracking_uri(uri)
-    encoder = mlflow.pytorch.load_model("models:/ae-repr-vae@champion")
+    encoder = mlflow.pytorch.load_model("models:/ae-repr-digits-vae@champion")
     new = np.random.default_rng(7).integers(0, 17, size=(5, 1, 8, 8)).astype(np.float32)  # raw digit-like rows
     z = encoder(torch.from_numpy(new)).detach().numpy()
     assert z.shape == (5, 8)
     expected = Encoder.from_dir(out / "models" / "vae")(torch.from_numpy(new)).detach().numpy()
     np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-5)
-    served = mlflow.pyfunc.load_model("models:/ae-repr-vae@champion").predict(new)
+    served = mlflow.pyfunc.load_model("models:/ae-repr-digits-vae@champion").predict(new)
     assert np.asarray(served).shape == (5, 8)
 
 
@@ -203,6 +262,8 @@ def _summary_of(client: MlflowClient, experiment: str) -> dict[str, object]:
     out = {"parent_params": parent.data.params, "parent_metrics": sorted(parent.data.metrics),
            "parent_artifacts": _artifacts(client, parent.info.run_id),
            "verdict": parent.data.tags.get("mlflow.note.content")}
+    for name, run in _children(client, parent.info.run_id, "baseline").items():
+        out[name] = {"status": run.info.status, "name": run.info.run_name, "metrics": run.data.metrics}
     for v, run in _children(client, parent.info.run_id).items():
         out[v] = {
             "status": run.info.status,
@@ -211,7 +272,8 @@ def _summary_of(client: MlflowClient, experiment: str) -> dict[str, object]:
             "epochs": len(client.get_metric_history(run.info.run_id, "train/loss")),
             "eval": {k: round(x, 6) for k, x in run.data.metrics.items() if k.startswith("eval/")},
             "artifacts": _artifacts(client, run.info.run_id),
-            "registered": "champion" in client.get_registered_model(f"ae-repr-{v}").aliases,
+            "registered": "champion" in client.get_registered_model(f"ae-repr-digits-{v}").aliases,
+            "model_version": run.data.tags.get("ae_repr.model_version"),
         }
     return out
 
