@@ -59,6 +59,7 @@ from .rate_distortion import rate_distortion
 from .reduction import reduction
 from .report import representation_order, write_report
 from .results import concat_results, read_results, result_frame, write_results
+from .seeds import first_seed_names, with_seed_aggregates, without_seed_rows
 from .training import training_record
 from .variant_plots import feature_file_plots
 from .verdict import RunFacts, bottleneck_warning, verdict
@@ -275,7 +276,8 @@ def summarize(
         frames.append(chance(reference, cfg, seed=seed))
     results = concat_results(frames)
     # a failed representation has no rows, even where another file (the application baselines) scored it
-    results = _sorted(results[~results["representation"].isin(list(failures))])
+    results = results[~results["representation"].isin(list(failures))]
+    results = _sorted(with_seed_aggregates(results))  # a seed grid's variants: their means over the seeds
     for task in sorted(set(TASKS) | set(results["task"])):
         task_path = out / "eval" / f"{task}.parquet"
         rows = results[results["task"] == task]
@@ -285,9 +287,11 @@ def summarize(
             task_path.unlink(missing_ok=True)
     summary = write_results(out / "summary.parquet", results)
     plots = []
+    shown = first_seed_names(names)  # a seed grid's figures: of each variant's first seed (its means: the tables)
+    headline = without_seed_rows(results)
     for name, draw in (
-        ("latent_maps.png", lambda p: plot_latent_maps(maps, p)),
-        ("fewshot.png", lambda p: plot_fewshot(results, p)),
+        ("latent_maps.png", lambda p: plot_latent_maps({n: m for n, m in maps.items() if n in shown}, p)),
+        ("fewshot.png", lambda p: plot_fewshot(headline, p)),
     ):
         made = draw(out / "plots" / name)
         if made is None:
@@ -295,9 +299,9 @@ def summarize(
         else:
             plots.append(made)
     pictures = read_pictures(
-        [eval_dir / f"{n}{PICTURES_SUFFIX}" for n in names if (eval_dir / f"{n}{PICTURES_SUFFIX}").is_file()]
+        [eval_dir / f"{n}{PICTURES_SUFFIX}" for n in shown if (eval_dir / f"{n}{PICTURES_SUFFIX}").is_file()]
     )
-    plots += application_plots(pictures, results, out / "plots")
+    plots += application_plots(pictures, headline, out / "plots")
     plots += [p for n in names for p in sorted((out / "plots" / n).glob("*.png"))]  # each variant's own figures
     warning = bottleneck_warning(facts)
     if warning:

@@ -19,8 +19,9 @@ def registered_name(variant: str) -> str:
 
 
 def log_encoder(client: Any, run_id: str, variant: str, model_dir: Path, example: np.ndarray,
-                info: dict[str, Any], *, register: bool) -> None:
-    """Log the variant's encoder (raw inputs -> representation) to a run; register it when `register`.
+                info: dict[str, Any], *, register: bool, seed: int | None = None) -> None:
+    """Log the variant's encoder (raw inputs -> representation) to a run; register it when `register`, as a
+    version tagged with its pretraining `seed` when it is one of a seed grid.
 
     `client` is the session's MlflowClient; the process-wide tracking URI must name the same store
     (log_model and the registry resolve it, not the client's).
@@ -47,5 +48,7 @@ def log_encoder(client: Any, run_id: str, variant: str, model_dir: Path, example
     version = getattr(model, "registered_model_version", None)
     if register and version is not None:
         name = registered_name(variant)
+        if seed is not None:
+            client.set_model_version_tag(name, str(version), "seed", str(seed))
         if CHAMPION not in client.get_registered_model(name).aliases:
             client.set_registered_model_alias(name, CHAMPION, str(version))
