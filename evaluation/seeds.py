@@ -14,6 +14,7 @@ The report, the verdict and `ae-repr compare` rank the aggregate rows; the per-s
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,7 @@ import pandas as pd
 from ae_repr.seeds import split_seed_name
 
 from .fewshot import t_interval
-from .results import CI_PRETRAINING_SEEDS, concat_results, result_frame, result_row
+from .results import CI_PRETRAINING_SEEDS, concat_results, read_results, result_frame, result_row
 
 _KEY = ["variant", "task", "metric", "k", "nth"]
 
@@ -73,3 +74,28 @@ def first_seed_names(names: Iterable[str]) -> list[str]:
         if seed is not None:
             first[variant] = min(seed, first.get(variant, seed))
     return [n for n in names if (s := split_seed_name(n))[1] is None or first[s[0]] == s[1]]
+
+
+def representative_member(summary: pd.DataFrame, variant: str) -> str:
+    """The grid member standing for `variant` where one model must (the retrain's champion candidate): the seed
+    whose linear-probe accuracy is nearest the variant's aggregate (mean over seeds), the smaller seed on a tie;
+    the first seed without a probe; `variant` itself without a grid."""
+    names = sorted({n for n in summary["representation"] if split_seed_name(n)[0] == variant and is_seed_row(n)},
+                   key=lambda n: split_seed_name(n)[1])
+    if not names:
+        return variant
+    probe = summary[(summary["task"] == "linear_probe") & (summary["metric"] == "accuracy")]
+    acc = probe.drop_duplicates("representation").set_index("representation")["value"].astype(float)
+    found = [n for n in names if n in acc.index and np.isfinite(acc[n])]
+    if not found:
+        return names[0]
+    mean = acc[variant] if variant in acc.index else acc[found].mean()
+    # min keeps the first (smaller seed) of equal distances; rounding: equal up to the mean's float error
+    return min(found, key=lambda n: round(abs(acc[n] - mean), 12))
+
+
+def representative_members(out: Path, variants: Iterable[str]) -> dict[str, str]:
+    """`representative_member` of each variant from `out/summary.parquet` (each variant itself without one)."""
+    path = Path(out) / "summary.parquet"
+    summary = read_results(path)[0] if path.is_file() else None
+    return {v: v if summary is None else representative_member(summary, v) for v in variants}

@@ -28,6 +28,7 @@ from prefect.states import Completed, Failed, State
 from ae_repr.config import ExperimentConfig
 from evaluation.champion import PairedTest, compare_with_champion
 from evaluation.inputs import load_feature_file
+from evaluation.seeds import representative_members
 
 from .pretrain_and_probe import default_out, pretrain_and_probe, resolve_config
 from .tracking import CHAMPION, registered_name, tracking_uri
@@ -72,8 +73,10 @@ def champion(client: MlflowClient, name: str) -> ModelVersion | None:
         return None
 
 
-def new_versions(client: MlflowClient, experiment: str, flow_run_id: str) -> dict[str, ModelVersion]:
-    """The model versions registered from the child runs of the MLflow parent run of a flow run, by variant."""
+def new_versions(client: MlflowClient, experiment: str, flow_run_id: str,
+                 members: dict[str, str] | None = None) -> dict[str, ModelVersion]:
+    """The model versions registered from the child runs of the MLflow parent run of a flow run, by variant (in a
+    seed grid: from the child run of the member `members` names for the variant)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return {}
@@ -84,7 +87,7 @@ def new_versions(client: MlflowClient, experiment: str, flow_run_id: str) -> dic
         children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         for child in children:
             variant = child.data.tags.get("variant")
-            if not variant:
+            if not variant or child.info.run_name not in (variant, (members or {}).get(variant, variant)):
                 continue
             found = client.search_model_versions(f"name = '{registered_name(variant)}' and run_id = '{child.info.run_id}'")
             if found:
@@ -179,10 +182,12 @@ def retrain(
     state = pretrain_and_probe(config=cfg, out=str(out_dir), return_state=True)
     uri = tracking_uri()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    versions = new_versions(client, cfg.tracking.experiment, str(state.state_details.flow_run_id))
+    # a seed grid's candidate: the seed nearest its variant's mean over seeds (evaluation.seeds)
+    members = representative_members(out_dir, cfg.models.variants)
+    versions = new_versions(client, cfg.tracking.experiment, str(state.state_details.flow_run_id), members)
 
     def compare(variant: str) -> Compare:
-        features = out_dir / "features" / f"{variant}.parquet"
+        features = out_dir / "features" / f"{members[variant]}.parquet"
         return lambda old: compare_with_champion(load_feature_file(features), load_encoder(uri, old), cfg.eval,
                                                  seed=cfg.seed)
 

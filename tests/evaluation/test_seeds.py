@@ -12,7 +12,7 @@ from ae_repr.config import EvalConfig, ExperimentConfig
 from ae_repr.seeds import grid_members, pretraining_seeds, seed_name, split_seed_name
 from evaluation.report import write_report
 from evaluation.results import CI_PRETRAINING_SEEDS, result_frame, result_row
-from evaluation.seeds import first_seed_names, seed_aggregates, with_seed_aggregates
+from evaluation.seeds import first_seed_names, representative_member, seed_aggregates, with_seed_aggregates
 from evaluation.verdict import RunFacts, verdict
 
 CFG = EvalConfig(knn_k=(5,), fewshot_k=(5,))
@@ -136,3 +136,14 @@ def test_report_without_a_grid_says_nothing_of_seeds(tmp_path):
     report = write_report(tmp_path / "report.md", results, CFG).read_text()
     text = verdict(results, RunFacts("digits", 16, 64))
     assert "Seed grid" not in report and "pretraining seeds" not in text
+
+
+def test_the_representative_seed_is_the_one_nearest_the_mean():
+    # ae: mean 0.93; seed 1 (0.92) is nearer than seed 0 (0.90) or seed 2 (0.97)
+    results = with_seed_aggregates(_grid({"ae": [0.90, 0.92, 0.97], "vae": [0.80, 0.90]}, {"pca": 0.7}))
+    assert representative_member(results, "ae") == "ae@seed=1"
+    assert representative_member(results, "vae") == "vae@seed=0"  # equally near: the smaller seed
+    assert representative_member(results, "pca") == "pca"  # no grid: itself
+    # without labels there is no probe: the first seed
+    no_probe = result_frame([result_row(seed_name("ae", s), "reduction", "recon_mse", 0.1) for s in (3, 1)])
+    assert representative_member(no_probe, "ae") == "ae@seed=1"

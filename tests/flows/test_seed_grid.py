@@ -151,3 +151,15 @@ def test_mlflow_has_a_run_and_a_registered_version_per_seed(grid, monkeypatch, c
     assert table.loc["ae", "kind"] == "variant, 2 seeds" and table.loc["ae", "status"] == "FINISHED"
     assert table.loc["ae", "eval/linear_probe_accuracy"] == pytest.approx(ae["value"])
     assert table.loc["ae", "eval/linear_probe_accuracy/ci_high"] == pytest.approx(ae["ci_high"])
+
+
+def test_retrain_takes_the_representative_seeds_version(grid):
+    from evaluation.seeds import representative_members
+    from flows.retrain import new_versions
+
+    uri, out, state = grid
+    client = MlflowClient(uri, registry_uri=uri)
+    chosen = representative_members(out, ["ae"])
+    assert chosen["ae"] in MEMBERS
+    (version,) = new_versions(client, "pretrain-and-probe", str(state.state_details.flow_run_id), chosen).values()
+    assert version.tags["seed"] == chosen["ae"].rsplit("=", 1)[1]
