@@ -62,9 +62,10 @@ def compare_runs(experiment: str, last: int = 5, dataset: str | None = None) -> 
                          "status": c.info.status, "parent_run_id": p.info.run_id, "run_id": c.info.run_id,
                          **c.data.metrics})
         for name, (n_seeds, metrics) in sorted(aggregates(p.data.metrics).items()):
+            # the seeds' runs' statuses other than FINISHED (a failed seed shows), else FINISHED
             status = {c.info.status for c in variants if c.data.tags.get("variant") == name} - {"FINISHED"}
             rows.append({**run, "representation": name, "kind": f"variant, {n_seeds} seeds",
-                         "status": min(status, default="FINISHED"), "parent_run_id": p.info.run_id,
+                         "status": ", ".join(sorted(status)) or "FINISHED", "parent_run_id": p.info.run_id,
                          "run_id": p.info.run_id, **metrics})
         learned = {c.data.tags.get("variant", c.info.run_name) for c in variants}
         for name, metrics in sorted(baselines(p.data.metrics, learned).items()):
@@ -89,7 +90,7 @@ def aggregates(metrics: Mapping[str, float]) -> dict[str, tuple[int, dict[str, f
     for key, value in metrics.items():
         if key.startswith(rec.AGGREGATE_PREFIX):
             name, _, metric = key.removeprefix(rec.AGGREGATE_PREFIX).partition("/")
-            n, numbers = out.setdefault(name, (0, {}))
+            numbers = out.setdefault(name, (0, {}))[1]
             if metric == rec.N_SEEDS:
                 out[name] = (int(value), numbers)
             else:

@@ -163,3 +163,22 @@ def test_retrain_takes_the_representative_seeds_version(grid):
     assert chosen["ae"] in MEMBERS
     (version,) = new_versions(client, "pretrain-and-probe", str(state.state_details.flow_run_id), chosen).values()
     assert version.tags["seed"] == chosen["ae"].rsplit("=", 1)[1]
+
+
+def test_log_run_uploads_the_grid_as_a_live_run_records_it(grid, monkeypatch):
+    """(Last in the module: it registers two more versions.)"""
+    from ae_repr.cli import main
+
+    uri, out, _ = grid
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["log-run", str(out), "--experiment", "uploaded"]) == 0
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("uploaded")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`ae_repr.run_kind` = 'parent'")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted((c.info.run_name, c.data.tags["variant"], c.data.tags["seed"], c.info.status) for c in children) == [
+        (m, "ae", str(s), "FINISHED") for s, m in zip(SEEDS, MEMBERS, strict=True)]
+    assert parent.data.metrics["seeds/ae/n_seeds"] == 2
+    uploaded = {c.info.run_id for c in children}
+    assert sorted(v.tags.get("seed") for v in client.search_model_versions("name = 'ae-repr-ae'")
+                  if v.run_id in uploaded) == ["0", "1"]
