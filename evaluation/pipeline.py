@@ -5,7 +5,8 @@ parallel, each writing `representations_dir(out)/<name>.parquet` and `<name>.map
 `summarize` once. `evaluate_dir` does the same in one process (`ae-repr evaluate`).
 
 `summarize` also scores chance (task `chance`, representation `majority_class`) from one labelled
-feature file of the run, and writes `verdict.md`: the short verdict that opens `report.md`
+feature file of the run, adds a seed grid's aggregate rows (each variant's mean over its `<variant>@seed=<s>`
+members, `evaluation.seeds`), and writes `verdict.md`: the short verdict that opens `report.md`
 (`evaluation.verdict`), which the flow also puts into its Prefect artifact and MLflow parent run.
 
 Metric callback: `log` receives `{"eval/<task>/<metric>": value}` after each task (few-shot rows as
