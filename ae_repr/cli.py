@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", metavar="a,b,..", help=f"comma-separated subset of: {','.join(names)}")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<dataset>)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--seeds", metavar="s,t,..", help="pretraining seeds, overriding train.seeds: with more than one, "
+                   "every variant trains once per seed (as <variant>@seed=<s>) and the report shows the mean over "
+                   "seeds with its 95%% interval")
     _applications_opt(p)
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress display and no informational lines; warnings, errors and the outputs remain")
@@ -291,7 +294,7 @@ def _check_dataset(spec: str) -> None:
 
 
 def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
-    cfg = with_applications(_load_cfg(args), args.applications)
+    cfg = with_applications(_load_cfg(args), args.applications).with_seeds(args.seeds)
     _check_dataset(cfg.data.dataset)
     if args.no_tracking:
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -110,6 +111,34 @@ class TrainConfig(_Frozen):
     # resumable state is saved after an epoch once this many seconds passed since the last save (0: every
     # epoch): a kill loses at most this much work, and short epochs do not pay a write each (~2% of training)
     checkpoint_every_s: float = Field(10.0, ge=0)
+    # a seed grid: every variant trains once per seed (`<variant>@seed=<s>`); None: the config's `seed` alone
+    seeds: tuple[int, ...] | None = None
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_list(cls, v: Any) -> Any:
+        return None if v is None else parse_seeds(v)
+
+
+def parse_seeds(value: Any) -> tuple[int, ...]:
+    """A seed list (`0,1,2` or a sequence) in ascending order (the same seeds are the same grid): non-negative
+    integers, each once; ValueError naming the bad one."""
+    items = [s.strip() for s in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items or items == [""]:
+        raise ValueError("expected a non-empty list of seeds, e.g. 0,1,2")
+    seeds: list[int] = []
+    for item in items:
+        # bools are ints to Python, and 1.0 would pass int(): only integers, or their decimal digits, are seeds
+        if isinstance(item, str) and re.fullmatch(r"[+-]?\d+", item):
+            item = int(item)
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ValueError(f"seed {item!r} is not an integer")
+        if item < 0:
+            raise ValueError(f"seed {item} is negative")
+        if item in seeds:
+            raise ValueError(f"seed {item} is given twice")
+        seeds.append(item)
+    return tuple(sorted(seeds))
 
 
 class EvalConfig(_Frozen):
@@ -246,6 +275,16 @@ class ExperimentConfig(_Frozen):
                     msg = e.errors()[0]["msg"].removeprefix("Value error, ")
                     raise ConfigError(f"{_OVERRIDE_FLAGS[section, key]} {shown}: {msg}") from None
             raise ConfigError(f"options: {_first_error(e)}") from None
+
+    def with_seeds(self, seeds: str | list[int] | tuple[int, ...] | None) -> ExperimentConfig:
+        """A copy whose `train.seeds` is `seeds` (`--seeds 0,1,2`; None keeps the config's); an error names --seeds."""
+        if seeds is None:
+            return self
+        try:
+            return self.model_copy(update={"train": self.train.model_copy(update={"seeds": parse_seeds(seeds)})})
+        except ValueError as e:
+            shown = (seeds if isinstance(seeds, str) else ",".join(map(str, seeds))) or "''"
+            raise ConfigError(f"--seeds {shown}: {e}") from None
 
     def sha256(self, *sections: str) -> str:
         """Stable hash of the whole config or of the named sections."""

@@ -141,8 +141,10 @@ def retrain_on_normal(
         overrides={variant: model_cfg.model_dump(mode="json", exclude=shared)},
     )
     budget = max(1, round(ctx.cfg.anomaly_budget * ctx.train_cfg.max_steps))
+    # the pretrained model's own seed: the members of a seed grid retrain as differently as they pretrained
+    seed = int(ctx.loaded.meta.get("seed", ctx.seed))
     cfg = ExperimentConfig(
-        models=models, train=ctx.train_cfg.model_copy(update={"epochs": epochs, "max_steps": budget}), seed=ctx.seed
+        models=models, train=ctx.train_cfg.model_copy(update={"epochs": epochs, "max_steps": budget}), seed=seed
     )
     assert models.model_config_for(variant) == model_cfg, f"{variant}: model config did not round-trip"
     rows = np.sort(np.concatenate([normal_train, test]))

@@ -5,7 +5,8 @@ parallel, each writing `representations_dir(out)/<name>.parquet` and `<name>.map
 `summarize` once. `evaluate_dir` does the same in one process (`ae-repr evaluate`).
 
 `summarize` also scores chance (task `chance`, representation `majority_class`) from one labelled
-feature file of the run, and writes `verdict.md`: the short verdict that opens `report.md`
+feature file of the run, adds a seed grid's aggregate rows (each variant's mean over its `<variant>@seed=<s>`
+members, `evaluation.seeds`), and writes `verdict.md`: the short verdict that opens `report.md`
 (`evaluation.verdict`), which the flow also puts into its Prefect artifact and MLflow parent run.
 
 Metric callback: `log` receives `{"eval/<task>/<metric>": value}` after each task (few-shot rows as
@@ -59,6 +60,7 @@ from .rate_distortion import rate_distortion
 from .reduction import reduction
 from .report import representation_order, write_report
 from .results import concat_results, read_results, result_frame, write_results
+from .seeds import first_seed_names, with_seed_aggregates, without_seed_rows
 from .training import training_record
 from .variant_plots import feature_file_plots
 from .verdict import RunFacts, bottleneck_warning, verdict
@@ -279,7 +281,8 @@ def summarize(
         frames.append(chance(reference, cfg, seed=seed))
     results = concat_results(frames)
     # a failed representation has no rows, even where another file (the application baselines) scored it
-    results = _sorted(results[~results["representation"].isin(list(failures))])
+    results = results[~results["representation"].isin(list(failures))]
+    results = _sorted(with_seed_aggregates(results))  # a seed grid's variants: their means over the seeds
     for task in sorted(set(TASKS) | set(results["task"])):
         task_path = out / "eval" / f"{task}.parquet"
         rows = results[results["task"] == task]
@@ -289,9 +292,11 @@ def summarize(
             task_path.unlink(missing_ok=True)
     summary = write_results(out / "summary.parquet", results)
     plots = []
+    shown = first_seed_names(names)  # a seed grid's figures: of each variant's first seed (its means: the tables)
+    headline = without_seed_rows(results)
     for name, draw in (
-        ("latent_maps.png", lambda p: plot_latent_maps(maps, p)),
-        ("fewshot.png", lambda p: plot_fewshot(results, p)),
+        ("latent_maps.png", lambda p: plot_latent_maps({n: m for n, m in maps.items() if n in shown}, p)),
+        ("fewshot.png", lambda p: plot_fewshot(headline, p)),
     ):
         made = draw(out / "plots" / name)
         if made is None:
@@ -299,9 +304,9 @@ def summarize(
         else:
             plots.append(made)
     pictures = read_pictures(
-        [eval_dir / f"{n}{PICTURES_SUFFIX}" for n in names if (eval_dir / f"{n}{PICTURES_SUFFIX}").is_file()]
+        [eval_dir / f"{n}{PICTURES_SUFFIX}" for n in shown if (eval_dir / f"{n}{PICTURES_SUFFIX}").is_file()]
     )
-    plots += application_plots(pictures, results, out / "plots")
+    plots += application_plots(pictures, headline, out / "plots")
     plots += [p for n in names for p in sorted((out / "plots" / n).glob("*.png"))]  # each variant's own figures
     warning = bottleneck_warning(facts)
     if warning:

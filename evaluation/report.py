@@ -15,6 +15,8 @@ from ae_repr.io import atomic_path
 
 from .inputs import BASELINE_NAMES
 from .probe import CHANCE_NAME, knn_metric
+from .results import CI_PRETRAINING_SEEDS
+from .seeds import is_seed_row
 from .verdict import Standing, at_chance, chance_accuracy, column_bounds, interval_text, standing
 
 
@@ -99,7 +101,8 @@ def representation_order(names: Sequence[str]) -> list[str]:
 
 def headline_table(results: pd.DataFrame, cfg: EvalConfig, cols: Sequence[Column] | None = None) -> pd.DataFrame:
     """Representations x columns (the headline ones by default) of values; rows without any value dropped."""
-    names = representation_order(list(results["representation"].unique()))
+    # a seed grid's variants by their aggregate rows (mean over the seeds); the per-seed rows are left to the summary
+    names = representation_order([n for n in results["representation"].unique() if not is_seed_row(n)])
     table = pd.DataFrame(index=pd.Index(names, name="representation"))
     for col in headline_columns(cfg) if cols is None else cols:
         table[col.title] = column_bounds(results, col.task, col.metric, col.k)["value"].reindex(names)
@@ -140,6 +143,7 @@ def write_report(
             "majority-class rate. kNN: cosine distance. Trustworthiness is measured against the raw input, so "
             "`raw` scores 1 by definition and is not ranked. Full results (with `ci_method`): `summary.parquet`.",
             "",
+            *_seed_grid_lines(results),
             *_table_lines(table, cols, results, chance),
         ]
         if chance is not None:
@@ -186,6 +190,22 @@ def write_report(
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
     return path
+
+
+def _seed_grid_lines(results: pd.DataFrame) -> list[str]:
+    """What a seed grid's rows show (nothing without one)."""
+    seeds = results.loc[(results["ci_method"] == CI_PRETRAINING_SEEDS).fillna(False), "n_seeds"]
+    if seeds.empty:
+        return []
+    n = int(seeds.max())
+    return [
+        f"Seed grid: each learned representation was pretrained with {n} seeds; its row is the **mean over the "
+        f"{n} seeds** with a 95% Student-t interval **over pretraining seeds** (`ci_method` `pretraining_seeds`, "
+        "the spread between models, not the test-row noise of each), in every table, and the winners are decided "
+        "on those intervals. Each seed's own rows (`<variant>@seed=<s>`) are in `summary.parquet`; figures "
+        "show the first seed's model.",
+        "",
+    ]
 
 
 def _section(

@@ -18,6 +18,7 @@ import pandas as pd
 
 from .inputs import BASELINE_NAMES
 from .probe import CHANCE_NAME
+from .results import CI_PRETRAINING_SEEDS
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def verdict(results: pd.DataFrame, facts: RunFacts) -> str:
         sentences = [f"{head} no representation has a linear-probe accuracy (the data has no usable labels), "
                      "so none is ranked; see the reduction and application tables."]
     else:
-        sentences = [_lead(head, st), *_learned_vs_baselines(acc, st)]
+        sentences = [_lead(head, st), *_seed_note(results, acc), *_learned_vs_baselines(acc, st)]
         chance = chance_accuracy(results)
         if at_chance(acc, chance):
             sentences.append(
@@ -159,6 +160,17 @@ def _lead(head: str, st: Standing) -> str:
     if st.tied:
         return text + f", tied with {_names(st.tied)}."
     return text + ", ahead of every other representation beyond the intervals."
+
+
+def _seed_note(results: pd.DataFrame, acc: pd.DataFrame) -> list[str]:
+    """With a seed grid: the learned numbers are means over pretraining seeds, their intervals over the seeds."""
+    rows = results[(results["task"] == "linear_probe") & (results["metric"] == "accuracy")
+                   & (results["ci_method"] == CI_PRETRAINING_SEEDS).fillna(False) & results["representation"].isin(acc.index)]
+    if rows.empty:
+        return []
+    n = int(rows["n_seeds"].max())
+    return [f"Learned representations are scored as the mean over {n} pretraining seeds, with the interval over "
+            "the seeds."]
 
 
 def _learned_vs_baselines(acc: pd.DataFrame, st: Standing) -> list[str]:

@@ -35,6 +35,7 @@ from ae_repr.config import ExperimentConfig, load_config, validate_config
 from ae_repr.data import Dataset, load_dataset, parse_dataset_spec
 from ae_repr.features import extract_features
 from ae_repr.io import read_json, sha256_file, write_json
+from ae_repr.seeds import Member, grid_members, pretraining_seeds
 from ae_repr.train import torch_threads, train_variant
 from evaluation import (
     BASELINES_NAME,
@@ -191,8 +192,10 @@ def _extract_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
     cfg: ExperimentConfig = params["cfg"]
     desc = Path(params["model_dir"]) / DESCRIPTION
     weights = read_json(desc).get("weights_sha256") if desc.is_file() else None
+    # a grid member's name: the same weights may also be written under the plain variant's name
+    named = {"name": params["name"]} if params.get("name") else {}
     return _key({"task": "extract", "out": str(Path(params["out"]).resolve()), "weights": weights,
-                 **_identity(cfg, params["variant"])})
+                 **named, **_identity(cfg, params["variant"])})
 
 
 def _evaluate_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
@@ -231,10 +234,11 @@ def train_task(variant: str, cfg: ExperimentConfig, out: str, log_fn: EpochLog |
 @task(name="extract", retries=2, retry_delay_seconds=[1, 5], persist_result=True, cache_key_fn=_extract_key,
       task_run_name="extract-{variant}")
 def extract_task(variant: str, cfg: ExperimentConfig, out: str, model_dir: str,
-                 metadata: dict[str, str] | None = None) -> str:
-    """Write the variant's features (with `metadata` in the file's metadata); returns the Parquet path."""
+                 metadata: dict[str, str] | None = None, name: str | None = None) -> str:
+    """Write the variant's features to `features/<name or variant>.parquet` (with `metadata` in the file's
+    metadata); returns the Parquet path."""
     with CLOCK.phase("extraction"):
-        path = extract_features(model_dir, data_for(cfg), Path(out) / "features" / f"{variant}.parquet",
+        path = extract_features(model_dir, data_for(cfg), Path(out) / "features" / f"{name or variant}.parquet",
                                 metadata=metadata)
     return str(path)
 
@@ -258,12 +262,14 @@ def evaluate_task(name: str, feature_path: str, cfg: ExperimentConfig, out: str,
 
 
 @task(name="variant-plots", task_run_name="plots-{variant}")
-def plots_task(variant: str, cfg: ExperimentConfig, out: str, model_dir: str, feature_path: str) -> list[str]:
-    """The variant's figures (loss curves, reconstructions, prior samples, latent map) under `plots/<variant>/`."""
+def plots_task(variant: str, cfg: ExperimentConfig, out: str, model_dir: str, feature_path: str,
+               name: str | None = None) -> list[str]:
+    """The variant's figures (loss curves, reconstructions, prior samples, latent map) under
+    `plots/<name or variant>/`."""
     with CLOCK.phase("plots"):
         example, _ = example_rows(data_for(cfg))
         try:
-            made = variant_plots(model_dir, example, feature_path, Path(out) / "plots" / variant)
+            made = variant_plots(model_dir, example, feature_path, Path(out) / "plots" / (name or variant))
         except Exception as e:  # a figure must not cost the run its results
             get_run_logger().warning("%s: plots failed: %s: %s", variant, e.__class__.__name__, e)
             return []
@@ -330,6 +336,7 @@ def pretrain_and_probe(
     epochs: int | None = None,
     latent_dim: int | None = None,
     out: str | None = None,
+    seeds: list[int] | str | None = None,
 ) -> State:
     """Pretrain every configured variant, extract features, evaluate them against baselines, report.
 
@@ -341,9 +348,13 @@ def pretrain_and_probe(
         epochs: Cap on training epochs, overriding train.epochs.
         latent_dim: Representation width K, overriding models.latent_dim.
         out: Run directory; runs/<dataset> under the working directory when not given.
+        seeds: Pretraining seeds, overriding train.seeds: a list or a comma-separated string. With more than one,
+            every variant trains once per seed, named <variant>@seed=<s>, and the summary adds each variant's
+            mean over the seeds with a 95% interval over them.
     """
     CLOCK.reset()
     cfg = resolve_config(config, dataset=dataset, variants=variants, epochs=epochs, latent_dim=latent_dim)
+    cfg = cfg.with_seeds(seeds)
     out_dir = Path(out or default_out(cfg)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     info = prepare_data(cfg, str(out_dir))
@@ -359,18 +370,20 @@ def pretrain_and_probe(
 def _run(cfg: ExperimentConfig, out_dir: Path, recorder: Recorder) -> State:
     """The flow's body, with its recorder open."""
     logger = get_run_logger()
+    members = grid_members(cfg)  # each variant once per pretraining seed (once, under its own name, without a grid)
     with CLOCK.phase("tracking"):
-        runs = {v: recorder.start_variant(v) for v in cfg.models.variants}
+        runs = {m.name: recorder.start_variant(m.variant, name=m.name, seed=m.grid_seed) for m in members}
 
     # a deleted or never-written output is recomputed (and re-cached), never served stale from the cache
-    trained = {v: _train(v, cfg, out_dir, recorder.metric_logger(v)) for v in cfg.models.variants}
-    sweep = {b: _train("beta_vae", cfg.with_beta(b), out_dir, None, f"beta_sweep/beta_{b:g}") for b in beta_sweep(cfg)}
-    extracted = {v: extract_task.with_options(refresh_cache=not (out_dir / "features" / f"{v}.parquet").is_file())
-                 .submit(v, cfg, str(out_dir), trained[v], {"mlflow_run_id": runs[v]} if runs[v] else None)
-                 for v in cfg.models.variants}
+    trained = {m.name: _train(m.variant, m.cfg, out_dir, recorder.metric_logger(m.name),
+                              m.name if m.in_grid else None, run_name=f"train-{m.name}") for m in members}
+    # the sweep's models train with the first pretraining seed only
+    sweep = {b: _train("beta_vae", members[0].cfg.with_beta(b), out_dir, None, f"beta_sweep/beta_{b:g}")
+             for b in beta_sweep(cfg)}
+    extracted = {m.name: _extract(m, out_dir, trained[m.name], runs[m.name]) for m in members}
     evaluated: dict[str, PrefectFuture] = {}
     failures: dict[str, str] = {}
-    for v, fut in extracted.items():
+    for v, fut in extracted.items():  # v: a member's name (its variant's, without a grid)
         fut.wait()
         if fut.state.is_completed():
             cached = [what for what, f in (("trained model", trained[v]), ("features", fut)) if f.state.name == "Cached"]
@@ -398,8 +411,11 @@ def _run(cfg: ExperimentConfig, out_dir: Path, recorder: Recorder) -> State:
             failures[name] = _reason(fut) or "evaluation failed"
             logger.error("evaluation of %s failed: %s", name, failures[name])
     # drawn after training and evaluation: beside them, their Python work held the GIL against training
-    plots = [plots_task.submit(v, cfg, str(out_dir), trained[v].result(), extracted[v].result())
-             for v in cfg.models.variants if v in evaluated and v not in failures]
+    # one seed's figures per variant: the first seed's
+    first = pretraining_seeds(cfg)[0]
+    plots = [plots_task.submit(m.variant, cfg, str(out_dir), trained[m.name].result(), extracted[m.name].result(),
+                               m.name if m.in_grid else None)
+             for m in members if m.seed == first and m.name in evaluated and m.name not in failures]
     for fut in plots:
         fut.wait()
     summary = summarize_task(cfg, str(out_dir), [n for n in evaluated if n not in failures], failures)
@@ -421,20 +437,32 @@ def _run(cfg: ExperimentConfig, out_dir: Path, recorder: Recorder) -> State:
 
 def planned_tasks(cfg: ExperimentConfig) -> list[str]:
     """The task runs a flow run over `cfg` submits when nothing fails, by name (what progress counts to)."""
-    variants, sweep = list(cfg.models.variants), beta_sweep(cfg)
-    return ["prepare-data", *(f"train-{v}" for v in variants), *("train-beta_vae" for _ in sweep),
-            *(f"extract-{v}" for v in variants), "baselines",
-            *(f"evaluate-{name}" for name in (*variants, *cfg.eval.baselines)),
+    members, sweep, first = grid_members(cfg), beta_sweep(cfg), pretraining_seeds(cfg)[0]
+    names = [m.name for m in members]
+    return ["prepare-data", *(f"train-{n}" for n in names), *("train-beta_vae" for _ in sweep),
+            *(f"extract-{n}" for n in names), "baselines",
+            *(f"evaluate-{name}" for name in (*names, *cfg.eval.baselines)),
             *([f"evaluate-{BASELINES_NAME}"] if cfg.eval.applications else []), *(["beta-sweep"] if sweep else []),
-            *(f"plots-{v}" for v in variants), "summarize"]
+            *(f"plots-{m.variant}" for m in members if m.seed == first), "summarize"]
 
 
 def _train(variant: str, cfg: ExperimentConfig, out_dir: Path, log_fn: EpochLog | None,
-           name: str | None = None) -> PrefectFuture:
+           name: str | None = None, run_name: str | None = None) -> PrefectFuture:
     """Submit one training task (retrained when its model file is missing, never served stale from the cache)."""
     missing = not (out_dir / "models" / (name or variant) / WEIGHTS).is_file()
-    return train_task.with_options(timeout_seconds=cfg.train.timeout_s, refresh_cache=missing).submit(
+    named = {"task_run_name": run_name} if run_name else {}
+    return train_task.with_options(timeout_seconds=cfg.train.timeout_s, refresh_cache=missing, **named).submit(
         variant, cfg, str(out_dir), log_fn, name)
+
+
+def _extract(m: Member, out_dir: Path, trained: PrefectFuture, run_id: str | None) -> PrefectFuture:
+    """Submit one member's extraction to `features/<name>.parquet` (recomputed when the file is missing)."""
+    missing = not (out_dir / "features" / f"{m.name}.parquet").is_file()
+    meta = {"mlflow_run_id": run_id} if run_id else {}
+    if m.in_grid:
+        meta["seed"] = str(m.seed)
+    return extract_task.with_options(refresh_cache=missing, task_run_name=f"extract-{m.name}").submit(
+        m.variant, m.cfg, str(out_dir), trained, meta or None, m.name if m.in_grid else None)
 
 
 def beta_sweep(cfg: ExperimentConfig) -> tuple[float, ...]:

@@ -32,6 +32,7 @@ from prefect.states import Completed, Failed, State
 from ae_repr.config import ExperimentConfig
 from evaluation.champion import PairedTest, compare_with_champion
 from evaluation.inputs import load_feature_file
+from evaluation.seeds import representative_members
 
 from .pretrain_and_probe import data_for, default_out, pretrain_and_probe, resolve_config
 from .tracking import CHAMPION, registered_name, tracking_uri
@@ -102,8 +103,10 @@ def champion(client: MlflowClient, name: str) -> ModelVersion | None:
         return None
 
 
-def new_versions(client: MlflowClient, experiment: str, flow_run_id: str, dataset: str) -> dict[str, Registration]:
-    """By variant, what the child runs of the MLflow parent run of a flow run registered (or found registered)."""
+def new_versions(client: MlflowClient, experiment: str, flow_run_id: str, dataset: str,
+                 members: dict[str, str] | None = None) -> dict[str, Registration]:
+    """By variant, what the child runs of the MLflow parent run of a flow run registered (or found registered);
+    in a seed grid, from the child run of the member `members` names for the variant."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return {}
@@ -114,7 +117,8 @@ def new_versions(client: MlflowClient, experiment: str, flow_run_id: str, datase
         children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         for child in children:
             variant, tags = child.data.tags.get("variant"), child.data.tags
-            if not variant:  # a baseline's run
+            if not variant or child.info.run_name not in (variant, (members or {}).get(variant, variant)):
+                continue  # a baseline's run, or a seed grid member other than the variant's candidate
                 continue
             name = tags.get(REGISTERED_MODEL_TAG) or registered_name(variant, dataset)
             if tags.get(MODEL_VERSION_TAG):
@@ -249,10 +253,13 @@ def retrain(
     uri = tracking_uri()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     data_name = data_for(cfg).name  # what the run's registered names were made from
-    versions = new_versions(client, cfg.tracking.experiment, str(state.state_details.flow_run_id), data_name)
+    # a seed grid's candidate: the seed nearest its variant's mean over seeds (evaluation.seeds)
+    members = representative_members(out_dir, cfg.models.variants)
+    versions = new_versions(client, cfg.tracking.experiment, str(state.state_details.flow_run_id), data_name,
+                            members)
 
     def compare(variant: str) -> Compare:
-        features = out_dir / "features" / f"{variant}.parquet"
+        features = out_dir / "features" / f"{members[variant]}.parquet"
         return lambda old: compare_with_champion(load_feature_file(features), load_encoder(uri, old), cfg.eval,
                                                  seed=cfg.seed)
 

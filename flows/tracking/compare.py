@@ -60,9 +60,17 @@ def compare_runs(experiment: str, last: int = 5, dataset: str | None = None) -> 
         variants = sorted((c for c in children if c.data.tags.get(rec.KIND_TAG) != rec.BASELINE_KIND),
                           key=lambda r: r.data.tags.get("variant", ""))
         for c in variants:
+            if "seed" in c.data.tags:  # one pretraining seed of a grid: its variant's aggregate row stands for it
+                continue
             rows.append({**run, "representation": c.data.tags.get("variant", c.info.run_name), "kind": "variant",
                          "status": c.info.status, "parent_run_id": p.info.run_id, "run_id": c.info.run_id,
                          **c.data.metrics})
+        for name, (n_seeds, metrics) in sorted(aggregates(p.data.metrics).items()):
+            # the seeds' runs' statuses other than FINISHED (a failed seed shows), else FINISHED
+            status = {c.info.status for c in variants if c.data.tags.get("variant") == name} - {"FINISHED"}
+            rows.append({**run, "representation": name, "kind": f"variant, {n_seeds} seeds",
+                         "status": ", ".join(sorted(status)) or "FINISHED", "parent_run_id": p.info.run_id,
+                         "run_id": p.info.run_id, **metrics})
         learned = {c.data.tags.get("variant", c.info.run_name) for c in variants}
         for name, metrics in sorted(baselines(p.data.metrics, learned).items()):
             rows.append({**run, "representation": name, "kind": "baseline", "status": p.info.status,
@@ -78,6 +86,21 @@ def compare_runs(experiment: str, last: int = 5, dataset: str | None = None) -> 
     metrics = [c for m in keep for c in (m, *(f"{m}/{b}" for b in rec.INTERVAL)) if c in frame.columns]
     head = ["run", "started", "dataset", "representation", "kind", "status"]
     return Comparison(frame[[*head, *metrics, *IDS]], url)
+
+
+def aggregates(metrics: Mapping[str, float]) -> dict[str, tuple[int, dict[str, float]]]:
+    """Seed-grid variant -> (seeds, its aggregate `eval/...` numbers: means over seeds, intervals over seeds),
+    from a parent run's metrics."""
+    out: dict[str, tuple[int, dict[str, float]]] = {}
+    for key, value in metrics.items():
+        if key.startswith(rec.AGGREGATE_PREFIX):
+            name, _, metric = key.removeprefix(rec.AGGREGATE_PREFIX).partition("/")
+            numbers = out.setdefault(name, (0, {}))[1]
+            if metric == rec.N_SEEDS:
+                out[name] = (int(value), numbers)
+            else:
+                numbers[f"eval/{metric}"] = value
+    return out
 
 
 def baselines(metrics: Mapping[str, float], learned: set[str]) -> dict[str, dict[str, float]]:

@@ -30,6 +30,7 @@ from ae_repr.config import ExperimentConfig, TrackingConfig, validate_config
 from ae_repr.data import Dataset
 from ae_repr.errors import UserError
 from ae_repr.io import read_json, write_json
+from ae_repr.seeds import grid_members
 
 from . import record as rec
 from .session import Session
@@ -62,7 +63,8 @@ class Recorder:
         self.flow_run = dict(flow_run or {})
         self.parent_id: str | None = None
         self.parent_url: str | None = None
-        self.runs: dict[str, str | None] = {}  # variant -> child run id
+        self.runs: dict[str, str | None] = {}  # variant (a seed grid: `<variant>@seed=<s>`) -> child run id
+        self.grid: dict[str, tuple[str, int]] = {}  # a seed grid's member name -> (variant, seed)
         self.baseline_runs: dict[str, str | None] = {}  # baseline -> child run id (made with the results)
         self._session: Session | None = None
         self._commit = "unknown"
@@ -110,14 +112,21 @@ class Recorder:
         if session.view_url():
             log.info("MLflow: every variant run with its headline metrics: %s", session.view_url())
 
-    def start_variant(self, variant: str) -> str | None:
-        """Open the variant's child run; returns its id."""
+    def start_variant(self, variant: str, *, name: str | None = None, seed: int | None = None) -> str | None:
+        """Open the variant's child run (named `name`, tagged with its pretraining `seed` in a seed grid);
+        returns its id."""
         if self._session is None or self.parent_id is None:
             return None
         session = self._session
-        run_id = session.create_run(variant, rec.variant_tags(self.parent_id, variant, self.info, self._commit))
-        self.runs[variant] = run_id
-        session.log_params(run_id, rec.variant_params(self.cfg, variant))
+        name = name or variant
+        tags = rec.variant_tags(self.parent_id, variant, self.info, self._commit)
+        params = rec.variant_params(self.cfg, variant)
+        if seed is not None:
+            self.grid[name] = (variant, seed)
+            tags["seed"] = params["seed"] = str(seed)  # the run's model trained with this seed
+        run_id = session.create_run(name, tags)
+        self.runs[name] = run_id
+        session.log_params(run_id, params)
         session.log_dataset(run_id, self.info)
         return run_id
 
@@ -172,7 +181,7 @@ class Recorder:
                 live = self._eval_logged.get(run_id, {})
                 session.log_metrics(run_id, [(k, v, 0) for k, v in rec.eval_metrics(summary, variant).items()
                                              if live.get(k) != v])
-        self._log_parent_results([v for v in self.runs if v not in failures])
+        self._log_parent_results(list(dict.fromkeys(self.grid.get(n, (n,))[0] for n in self.runs if n not in failures)))
 
     def _upload_variant(self, variant: str, run_id: str, after_epoch: int, failed: bool) -> None:
         # runs on the writer thread, so the history is logged in order with the writes queued before it
@@ -185,7 +194,8 @@ class Recorder:
         plots = rec.variant_plots(self.out_dir, variant) if self.settings.log_plots and not failed else []
         session.log_artifacts(run_id, rec.variant_artifacts(self.out_dir, variant, plots))
         if self.settings.log_models and (model_dir / "model.pt").is_file():
-            session.log_encoder(run_id, variant, model_dir, self.example, self.info)
+            registered, seed = self.grid.get(variant, (variant, None))  # a grid member registers as its variant
+            session.log_encoder(run_id, registered, model_dir, self.example, self.info, seed=seed)
 
     def _log_parent_results(self, variants: list[str]) -> None:
         """The parent's headline metrics, the verdict as its description, and its files."""
@@ -195,6 +205,7 @@ class Recorder:
         tags = rec.verdict_tags(self.out_dir)
         if summary is not None:
             metrics, best = rec.headline_metrics(summary, variants)
+            metrics.update(rec.aggregate_metrics(summary, {v for v, _ in self.grid.values()}))
             session.log_metrics(self.parent_id, [(k, v, 0) for k, v in metrics.items()])
             tags.update(best)
             for name in rec.baseline_names(summary, variants) if self.parent_id is not None else []:
@@ -303,7 +314,8 @@ def replay(out_dir: str | os.PathLike[str], experiment: str | None = None) -> Up
         raise UserError(f"{out / 'config.json'}: not valid JSON") from None
     cfg = validate_config(raw, source=str(out / "config.json"))
     settings = cfg.tracking if experiment is None else cfg.tracking.model_copy(update={"experiment": experiment})
-    if not any((out / "models" / v).is_dir() for v in cfg.models.variants):
+    members = grid_members(cfg)
+    if not any((out / "models" / m.name).is_dir() for m in members):
         raise UserError(f"{out_dir}: no trained models under {out / 'models'}")
     pending = read_json(out / PENDING) if (out / PENDING).is_file() else {}
     from ae_repr.data import load_dataset
@@ -319,8 +331,9 @@ def replay(out_dir: str | os.PathLike[str], experiment: str | None = None) -> Up
         raise RuntimeError(f"MLflow at {display_uri(session.uri)}: could not create the parent run")
     summary = rec.read_summary(out)
     failures: dict[str, str] = {}
-    for v in cfg.models.variants:
-        recorder.start_variant(v)
+    for m in members:
+        v = m.name
+        recorder.start_variant(m.variant, name=v, seed=m.grid_seed)
         if not (out / "models" / v / "model.pt").is_file():
             failures[v] = "no trained model in the run directory"
         elif summary is None or not (summary["representation"] == v).any():

@@ -73,9 +73,10 @@ def version_with_weights(client: Any, name: str, weights: str) -> Any | None:
 
 
 def log_encoder(client: Any, run_id: str, variant: str, model_dir: Path, example: np.ndarray,
-                info: dict[str, Any], *, register: bool) -> None:
-    """Log the variant's encoder (raw inputs -> representation) to a run and register it when `register`,
-    unless its weights are already a registered version of its name: then the run is tagged with that one.
+                info: dict[str, Any], *, register: bool, seed: int | None = None) -> None:
+    """Log the variant's encoder (raw inputs -> representation) to a run and register it when `register` (a seed
+    grid's member as a version tagged with its pretraining `seed`), unless its weights are already a registered
+    version of its name: then the run is tagged with that one.
 
     `client` is the session's MlflowClient; the process-wide tracking URI must name the same store
     (log_model and the registry resolve it, not the client's).
@@ -113,6 +114,8 @@ def log_encoder(client: Any, run_id: str, variant: str, model_dir: Path, example
     if register and version is not None:
         for key, value in identity.items():
             client.set_model_version_tag(name, str(version), key, value)
+        if seed is not None:
+            client.set_model_version_tag(name, str(version), "seed", str(seed))
         registered = client.get_registered_model(name)
         if "dataset" not in registered.tags:
             client.set_registered_model_tag(name, "dataset", identity.get("dataset", ""))

@@ -27,6 +27,9 @@ HEADLINE_METRICS = ("eval/linear_probe_accuracy", "eval/linear_probe_macro_f1", 
                     "eval/reduction_trustworthiness", "val/loss")
 INTERVAL = ("ci_low", "ci_high")  # `<metric>/ci_low`, `<metric>/ci_high`: the 95% interval of a logged number
 BASELINE_PREFIX = "baseline/"  # the parent's `baseline/<name>/<task>_<metric>`: a baseline's headline numbers
+# the parent's `seeds/<variant>/<task>_<metric>` and `seeds/<variant>/n_seeds`: a seed grid's mean over the seeds
+AGGREGATE_PREFIX = "seeds/"
+N_SEEDS = "n_seeds"
 VERDICT = "verdict.md"  # evaluation.pipeline.VERDICT, named here so `ae-repr compare` does not import evaluation
 VIEW_KEY = "variants"  # the experiment's shared UI view: `#/experiments/<id>/runs?viewStateShareKey=variants`
 _SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|AUTH",
@@ -201,6 +204,22 @@ def baseline_tags(parent_id: str, name: str, info: Mapping[str, Any], commit: st
         "git_commit": commit,
         "mlflow.source.git.commit": commit if commit != "unknown" else None,
     })
+
+
+def aggregate_metrics(summary: pd.DataFrame, variants: Iterable[str]) -> dict[str, float]:
+    """The parent's `seeds/<variant>/<task>_<metric>[/ci_low|/ci_high]` and `seeds/<variant>/n_seeds`: the
+    headline numbers of each seed-grid variant's aggregate row (mean over its pretraining seeds, with the interval
+    over the seeds), so `ae-repr compare` shows one row per variant instead of one per seed."""
+    out: dict[str, float] = {}
+    for v in sorted(set(variants)):
+        for key, value in eval_metrics(summary, v).items():
+            if interval_of(key)[0] in HEADLINE_METRICS:
+                out[f"{AGGREGATE_PREFIX}{v}/{key.removeprefix('eval/')}"] = value
+        probe = summary[(summary["representation"] == v) & (summary["task"] == "linear_probe")
+                        & (summary["metric"] == "accuracy")]
+        if len(probe) and _finite(probe["n_seeds"].iloc[0]):
+            out[f"{AGGREGATE_PREFIX}{v}/{N_SEEDS}"] = float(probe["n_seeds"].iloc[0])
+    return out
 
 
 def headline_metrics(summary: pd.DataFrame, variants: Iterable[str]) -> tuple[dict[str, float], dict[str, str]]:

@@ -190,11 +190,12 @@ class Session:
                         lambda p=path, f=folder: self.client.log_artifact(run_id, str(p), f))
 
     def log_encoder(self, run_id: str | None, variant: str, model_dir: Path, example: np.ndarray,
-                    info: dict[str, Any]) -> None:
-        """Queue the variant's encoder (raw inputs -> representation) as an MLflow model, registered if configured."""
+                    info: dict[str, Any], seed: int | None = None) -> None:
+        """Queue the variant's encoder (raw inputs -> representation) as an MLflow model, registered if configured
+        (tagged with its pretraining `seed` in a seed grid)."""
         register = self.settings.register_models
         self._queue(run_id, f"model {variant}", lambda: log_encoder(self.client, run_id, variant, model_dir, example,
-                                                                    info, register=register))
+                                                                    info, register=register, seed=seed))
 
     def terminate(self, run_id: str | None, status: str) -> None:
         """Queue the end of a run (FINISHED, FAILED, KILLED)."""

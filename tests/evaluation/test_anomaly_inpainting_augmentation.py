@@ -198,6 +198,25 @@ def test_anomaly_retrains_on_normal_classes(tmp_path, variant):
     pd.testing.assert_frame_equal(again.frame, out.frame)
 
 
+def test_anomaly_retrains_with_the_pretrained_models_own_seed(tmp_path):
+    """A seed grid's members pretrained with seeds 5 and 6 retrain with those seeds, so their anomaly models (and
+    numbers) vary with the pretraining seed; the evaluation seed stays the context's."""
+    synth = _blobs(tmp_path, planted=12.0)
+    ff = read_features(write_ff(tmp_path / "ae.parquet", synth, synth.x[:, :4]))
+    model = build_model("ae", model_config("ae", latent_dim=4, hidden=(32,)), (D,), "gaussian")
+    weights = []
+    for seed in (5, 6):
+        save_model(tmp_path / "models" / f"ae{seed}", model, variant="ae",
+                   normalizer=Normalizer(np.zeros(D), np.ones(D), "standard"), extra={"seed": seed})
+        ctx = make_context(ff, EvalConfig(), loaded=load_model(tmp_path / "models" / f"ae{seed}"),
+                           train_cfg=TrainConfig(epochs=2, batch_size=32, device="cpu"), work_dir=tmp_path / f"w{seed}")
+        anomaly(ctx)
+        retrained = load_model(tmp_path / f"w{seed}" / "anomaly_model")
+        assert retrained.meta["seed"] == seed and ctx.seed == 0
+        weights.append(torch.load(tmp_path / f"w{seed}" / "anomaly_model" / "model.pt", weights_only=True))
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_vq_vae_anomaly_auroc_is_reconstruction_error_and_code_distance_is_named_apart(tmp_path):
     """vq_vae's `auroc`/`auprc` are its reconstruction error's, as for every variant; the code distance has its own name."""
     synth = _blobs(tmp_path)  # the held-out class is a blob of its own: far in input space, not from the codes
