@@ -128,7 +128,8 @@ def test_mlflow_has_a_run_and_a_registered_version_per_seed(grid, monkeypatch, c
     exp = client.get_experiment_by_name("pretrain-and-probe")
     (parent,) = client.search_runs([exp.experiment_id], "tags.`ae_repr.run_kind` = 'parent'")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    runs = {c.info.run_name: c for c in children}
+    runs = {c.info.run_name: c for c in children if c.data.tags.get("variant")}  # the baselines' runs aside
+    assert {c.info.run_name for c in children} - set(runs) == {"pca (baseline)"}
     assert set(runs) == set(MEMBERS)
     probe = _probe(out)
     for seed, name in zip(SEEDS, MEMBERS, strict=True):
