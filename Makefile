@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo test lint bench bench-quick bench-anchor peer-venv services services-stop clean browser
+.PHONY: install demo test test-scenarios lint bench bench-quick bench-anchor peer-venv services services-stop clean browser
 
 install: $(VENV)/.installed
 
@@ -28,7 +28,11 @@ demo: install
 
 # the MLflow UI test drives a headless browser: `browser` installs Debian's chromium when it is missing
 test: install browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not scenario"
+
+# scenarios too heavy for `make test`'s budget (several runs at once, kills mid-run, a Ray cluster); CI runs both
+test-scenarios: install
+	$(PY) -m pytest -q -m scenario
 
 # ruff, then the import contracts in pyproject.toml ([tool.importlinter]): the layers hold
 lint: install

@@ -207,6 +207,7 @@ def _wait(what: str, check, timeout: float) -> Any:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+@pytest.mark.scenario  # several runs at once / a kill mid-run: `make test-scenarios`
 def test_worker_killed_mid_run_then_rerun_completes_from_cache(deployed: Services, tmp_path: Path):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 

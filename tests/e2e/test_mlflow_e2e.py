@@ -201,6 +201,7 @@ def test_unreachable_server_fails_fast_before_training(tmp_path):
     assert not (out / "models").exists()
 
 
+@pytest.mark.scenario  # several runs at once / a kill mid-run: `make test-scenarios`
 def test_two_runs_at_once_into_one_server_lose_nothing_and_mark_a_diverged_variant(mlflow_server, tmp_path):
     """Two `ae-repr run` side by side into one server and different folders: both finish, every run and
     per-epoch metric arrives; in the second run vae diverges (beta beyond float32) and MLflow marks it FAILED."""

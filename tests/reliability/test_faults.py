@@ -205,12 +205,18 @@ def test_second_run_into_the_same_folder_is_refused_and_a_diverging_variant_fail
         assert lock_holder(out) == os.getpid()
 
 
-def test_slow_tests_are_not_deselected_by_default() -> None:
-    """The test above is marked slow; CI (`make test`) and a plain `pytest` must still run it."""
+def test_every_test_runs_in_ci() -> None:
+    """Slow tests run in `make test` (the README's command); only `scenario` tests are left to
+    `make test-scenarios`, and CI (.ci/run) runs both."""
     from reliability_helpers import ROOT
 
     addopts = [ln for ln in (ROOT / "pyproject.toml").read_text().splitlines() if ln.strip().startswith("addopts")]
-    recipe = (ROOT / "Makefile").read_text().split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
     pytest_args = recipe.split("pytest", 1)[1]  # what follows `python -m pytest`
     for text in (*addopts, pytest_args):
-        assert "slow" not in text and "-m" not in text.split(), f"slow tests are deselected by: {text.strip()}"
+        assert "slow" not in text, f"slow tests are deselected by: {text.strip()}"
+    assert '-m "not scenario"' in pytest_args and not any("-m" in a.split() for a in addopts)
+    scenarios = makefile.split("\ntest-scenarios:", 1)[1].split("\n\n", 1)[0]
+    assert '-m scenario' in scenarios
+    assert "make lint test test-scenarios" in (ROOT / ".ci" / "run").read_text()
