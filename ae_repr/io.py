@@ -199,7 +199,8 @@ def exclusive_lock(folder: str | os.PathLike[str], what: str = "run") -> Iterato
 
     The lock is a file beside the folder (`lock_path`), created atomically (O_EXCL, which shared file
     systems honour, unlike flock) and naming host, pid and start time: deleting the folder does not
-    free it, and a lock whose holder died on this host is taken over with a warning.
+    free it, and a lock whose holder died on this host is taken over with a warning. Re-entrant within
+    one process: an inner lock of the same folder is a no-op.
     """
     from .errors import UserError
 
@@ -207,6 +208,10 @@ def exclusive_lock(folder: str | os.PathLike[str], what: str = "run") -> Iterato
     path.parent.mkdir(parents=True, exist_ok=True)
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "what": what}
+    held = _read_holder(path)
+    if held and all(held.get(k) == mine[k] for k in ("host", "pid", "start")):
+        yield  # this process holds it already (`ae-repr run` around the flow, which locks for deployments too)
+        return
     for _ in range(5):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

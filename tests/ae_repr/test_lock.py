@@ -28,6 +28,13 @@ def _dead_pid() -> int:
     return p.pid  # reaped: no process has it (until the kernel hands it out again, long after this test)
 
 
+def _try_in_another_process(out: Path) -> str:
+    code = (f"from ae_repr.io import exclusive_lock\nfrom ae_repr.errors import UserError\n"
+            f"try:\n    with exclusive_lock({str(out)!r}):\n        print('taken')\n"
+            f"except UserError as e:\n    print(e)")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.strip()
+
+
 def test_the_lock_lives_beside_the_folder_and_survives_its_deletion(tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
@@ -37,9 +44,8 @@ def test_the_lock_lives_beside_the_folder_and_survives_its_deletion(tmp_path: Pa
         holder = json.loads(path.read_text())
         assert holder["pid"] == os.getpid() and holder["host"] and holder["start"] == _process_start(os.getpid())
         shutil.rmtree(out)  # the folder goes; the lock stays, so a second run is still refused
-        with pytest.raises(UserError, match=rf"another run is using this folder \(pid {os.getpid()}\)"):
-            with exclusive_lock(out):
-                pass
+        assert _try_in_another_process(out) == f"{out}: another run is using this folder (pid {os.getpid()}); " \
+                                                "use a different --out"
     assert not path.exists(), "the holder removes its lock when it ends"
 
 
@@ -91,3 +97,14 @@ def test_a_live_holder_in_another_process_is_refused(tmp_path: Path) -> None:
         child.wait()
     with exclusive_lock(out):  # killed: its lock is stale and taken over
         pass
+
+
+def test_the_lock_is_reentrant_within_a_process(tmp_path: Path) -> None:
+    """`ae-repr run` locks the folder and so does the flow inside it: the inner lock is a no-op, the outer one
+    releases."""
+    out = tmp_path / "run"
+    with exclusive_lock(out):
+        with exclusive_lock(out, "flow run"):
+            pass
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid(), "the inner block released the lock"
+    assert not lock_path(out).exists()
