@@ -84,12 +84,36 @@ class Recorder:
               flow_run: Mapping[str, str | None] | None = None) -> Recorder:
         """A live recorder: the parent run opened when tracking is enabled; UserError if MLflow is down."""
         recorder = cls(cfg, out_dir, info, example, flow_run=flow_run)
+        previous = read_json(out_dir / RECORD) if (out_dir / RECORD).is_file() else {}
         (out_dir / RECORD).unlink(missing_ok=True)  # an earlier run's record does not describe this one
         if cfg.tracking.enabled:
             recorder.open()
             recorder._live = True
             atexit.register(recorder.abandon)  # a crash of the whole process still ends the runs
+            recorder.settle_killed(previous.get("parent_run_id"))
         return recorder
+
+    def settle_killed(self, previous: str | None) -> None:
+        """The folder's previous parent run, if still RUNNING, was killed (this run holds the folder's lock):
+        end it and its RUNNING children as KILLED, and tag this run's parent with its id."""
+        if self._session is None or self.parent_id is None or not previous or previous == self.parent_id:
+            return
+        client = self._session.client
+        try:
+            old = client.get_run(previous)
+            if old.info.status != "RUNNING":
+                return
+            children = client.search_runs([old.info.experiment_id],
+                                          f"tags.`mlflow.parentRunId` = '{previous}' and attributes.status = 'RUNNING'")
+            for run in (*children, old):
+                client.set_tag(run.info.run_id, "failure_reason", f"killed: found unfinished by run {self.parent_id}")
+                client.set_terminated(run.info.run_id, "KILLED")
+        except Exception as e:  # another store, or a run deleted since: nothing to settle here
+            log.info("MLflow: the folder's previous run %s could not be settled: %s: %s", previous,
+                     type(e).__name__, e)
+            return
+        self._session.log_tags(self.parent_id, {rec.RERUN_TAG: previous})
+        log.warning("MLflow: run %s and %d child runs never ended (killed); marked KILLED", previous, len(children))
 
     def open(self, extra_tags: Mapping[str, str | None] | None = None) -> None:
         """Reach the store, create the parent run with its tags, params and data set input."""

@@ -21,6 +21,7 @@ from ae_repr.config import ExperimentConfig
 
 PARENT_KIND, VARIANT_KIND, BASELINE_KIND = "parent", "variant", "baseline"
 KIND_TAG = "ae_repr.run_kind"
+RERUN_TAG = "ae_repr.rerun_of"  # on the parent run of a run that found the folder's previous one killed
 HEADLINE = "linear_probe_accuracy"  # the parent's per-representation headline metric
 HEADLINE_METRICS = ("eval/linear_probe_accuracy", "eval/linear_probe_macro_f1", "eval/knn_accuracy_5nn",
                     "eval/fewshot_frozen_accuracy_k5", "eval/fewshot_finetune_accuracy_k5",

@@ -337,6 +337,38 @@ def test_store_down_mid_run_then_log_run(tracked, tmp_path, monkeypatch):
     assert old.data.tags["ae_repr.superseded_by"] == parent.info.run_id and old.info.status == "FAILED"
 
 
+def test_a_killed_runs_mlflow_runs_are_ended_by_the_next_run_into_its_folder(tracked, tmp_path, monkeypatch):
+    """A run killed outright leaves its runs RUNNING; the next run into the folder ends them KILLED and links to
+    the killed parent; runs that ended (FINISHED) are left alone."""
+    import atexit
+
+    from flows.tracking import Recorder
+
+    uri, src = tracked
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    info = {"dataset": "digits", "sha256": "0" * 64, "rows": 1797, "shape": [1, 8, 8]}
+    killed = Recorder.start(_cfg(), out, info, np.zeros((4, 1, 8, 8), np.float32))
+    runs = {v: killed.start_variant(v) for v in VARIANTS}
+    atexit.unregister(killed.abandon)  # as SIGKILL would: nothing ends the runs
+    assert killed._session.close(30)
+    client = _client(uri)
+    assert {client.get_run(r).info.status for r in (*runs.values(), killed.parent_id)} == {"RUNNING"}
+
+    rerun = Recorder.start(_cfg(), out, info, np.zeros((4, 1, 8, 8), np.float32))
+    rerun.finish({})
+    for run_id in (*runs.values(), killed.parent_id):
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED" and rerun.parent_id in run.data.tags["failure_reason"]
+    assert client.get_run(rerun.parent_id).data.tags["ae_repr.rerun_of"] == killed.parent_id
+
+    again = Recorder.start(_cfg(), out, info, np.zeros((4, 1, 8, 8), np.float32))  # the rerun ended: no rerun_of
+    again.finish({})
+    assert client.get_run(rerun.parent_id).info.status == "FINISHED"
+    assert "ae_repr.rerun_of" not in client.get_run(again.parent_id).data.tags
+
+
 def test_compare_reads_runs_back(tracked, tmp_path, monkeypatch, capsys):
     uri, _ = tracked
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
