@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -110,6 +111,9 @@ class TrainConfig(_Frozen):
     # resumable state is saved after an epoch once this many seconds passed since the last save (0: every
     # epoch): a kill loses at most this much work, and short epochs do not pay a write each (~2% of training)
     checkpoint_every_s: float = Field(10.0, ge=0)
+    # GPUs a training task asks Ray for (orchestration.executor ray; fractions share a GPU); None: 1 when the
+    # cluster has GPUs, else 0. It leaves the trained model unchanged (not part of the training key)
+    gpus_per_task: float | None = Field(None, ge=0)
 
 
 class EvalConfig(_Frozen):
@@ -203,6 +207,28 @@ class TrackingConfig(_Frozen):
     flush_timeout_s: float = Field(300.0, gt=0)  # the longest the end of a run waits for queued writes
 
 
+EXECUTORS = ("threads", "ray")
+_RAY_ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9_.\-]+:[0-9]{1,5}|\[[0-9A-Fa-f:]+\]:[0-9]{1,5}|auto")
+
+
+class OrchestrationConfig(_Frozen):
+    """Where the flow's task runs execute: threads of the flow's process, or a Ray cluster through prefect-ray."""
+
+    executor: Literal["threads", "ray"] = "threads"
+    # the cluster's head, HOST:PORT (GCS port) or ray://HOST:PORT (Ray Client); None: RAY_ADDRESS, else a local Ray
+    ray_address: str | None = None
+    # CPUs each task asks Ray for, and torch threads per task under either executor; None: 1 on Ray, and under
+    # threads the process's cores shared by the task runs side by side
+    cpus_per_task: int | None = Field(None, gt=0)
+
+    @field_validator("ray_address")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None and not _RAY_ADDRESS.fullmatch(v.strip()):
+            raise ValueError(f"{v!r} is not HOST:PORT, ray://HOST:PORT or auto")
+        return None if v is None else v.strip()
+
+
 class ExperimentConfig(_Frozen):
     """Everything one run of pretrain-and-probe needs."""
 
@@ -211,6 +237,7 @@ class ExperimentConfig(_Frozen):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     seed: int = 0
 
     def with_beta(self, beta: float) -> ExperimentConfig:
@@ -243,6 +270,21 @@ class ExperimentConfig(_Frozen):
                     msg = e.errors()[0]["msg"].removeprefix("Value error, ")
                     raise ConfigError(f"{_OVERRIDE_FLAGS[section, key]} {shown}: {msg}") from None
             raise ConfigError(f"options: {_first_error(e)}") from None
+
+    def with_orchestration(self, *, executor: str | None = None, ray_address: str | None = None) -> ExperimentConfig:
+        """A copy with `--executor` / `--ray-address` applied and validated; an error names the flag."""
+        given = {k: v for k, v in (("executor", executor), ("ray_address", ray_address)) if v is not None}
+        if not given:
+            return self
+        try:
+            return self.model_copy(update={"orchestration": OrchestrationConfig.model_validate(
+                {**self.orchestration.model_dump(), **given})})
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = str(err["loc"][0]) if err["loc"] else "executor"
+            flag = {"executor": "--executor", "ray_address": "--ray-address"}.get(key, key)
+            msg = err["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{flag} {given.get(key, '')}: {msg}") from None
 
     def sha256(self, *sections: str) -> str:
         """Stable hash of the whole config or of the named sections."""

@@ -66,7 +66,7 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-OPERATIONAL = {"timeout_s", "checkpoint_every_s"}  # training settings that leave the trained model unchanged
+OPERATIONAL = {"timeout_s", "checkpoint_every_s", "gpus_per_task"}  # settings that leave the trained model unchanged
 
 
 TRAINER_VERSION = 2  # raised when the same key would train a different model (2: data likelihoods, plateau stop)
