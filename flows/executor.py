@@ -28,8 +28,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ae_repr.config import ExperimentConfig
-from ae_repr.errors import UserError
+from pydantic import ValidationError
+
+from ae_repr.config import ExperimentConfig, OrchestrationConfig
+from ae_repr.errors import ConfigError, UserError
 from ae_repr.io import write_json
 from ae_repr.train import torch_threads
 
@@ -149,7 +151,15 @@ def task_logging(log_fn: object) -> Iterator[None]:
 
 def ray_address(cfg: ExperimentConfig) -> str | None:
     """The cluster to use: `orchestration.ray_address`, else RAY_ADDRESS, else None (a local Ray)."""
-    return cfg.orchestration.ray_address or os.environ.get(RAY_ADDRESS_ENV) or None
+    if cfg.orchestration.ray_address:
+        return cfg.orchestration.ray_address
+    env = os.environ.get(RAY_ADDRESS_ENV, "").strip()
+    if not env:
+        return None
+    try:
+        return OrchestrationConfig(ray_address=env).ray_address
+    except ValidationError:  # e.g. a deployment's `{{ $RAY_ADDRESS }}` left unset when it was deployed
+        raise ConfigError(f"{RAY_ADDRESS_ENV}={env!r}: not HOST:PORT, ray://HOST:PORT or auto") from None
 
 
 def check_tracking(cfg: ExperimentConfig) -> None:
@@ -178,12 +188,12 @@ def _probe(address: str, timeout_s: float) -> None:
 
 def connect(address: str | None) -> None:
     """Join the Ray cluster at `address` (a local Ray when None) from this process, unless already joined."""
+    if address is not None and address != "auto":
+        _probe(address, CONNECT_TIMEOUT_S)  # before importing Ray (seconds): a wrong address fails at once
     import ray
 
     if ray.is_initialized():
         return
-    if address is not None and address != "auto":
-        _probe(address, CONNECT_TIMEOUT_S)
     try:
         # workers' output stays in Ray's logs (and their task runs' logs reach the Prefect API): the console
         # shows the flow's progress, not every worker's lines
