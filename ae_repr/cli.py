@@ -326,9 +326,9 @@ def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
         from flows.pretrain_and_probe import data_for
 
         data_for(cfg)  # bad data fails here, in one line, before the flow starts (the flow reuses this load)
-        api_ready()
-        if ray:  # every node must see the run folder and reach the API the flow reports to
+        if ray:  # every node must see the run folder, reach the Prefect API and run this code
             executor.check_start(cfg, out)
+        api_ready()
         return run_local(cfg, out, progress="off" if args.quiet else "live" if sys.stdout.isatty() else "plain",
                          debug=args.debug)
 

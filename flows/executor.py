@@ -232,7 +232,8 @@ def _node_check(out: str, marker: str, token: str, api_url: str | None) -> dict[
 
 def check_cluster(out: Path, api_url: str | None) -> None:
     """UserError unless a task on every node of the cluster writes into `out` (the flow's process reads it back),
-    reaches the Prefect API at `api_url` and runs the same code as this process."""
+    reaches the Prefect API at `api_url` (None: a temporary API of this process, which only this host reaches)
+    and runs the same code as this process."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -261,6 +262,9 @@ def check_cluster(out: Path, api_url: str | None) -> None:
             reason = f": {result['error']}" if result["error"] else ""
             raise UserError(f"run folder {out} is not shared with the Ray worker on {where}{reason}; put it on "
                             "storage every node mounts at the same path")
+        if api_url is None and node["NodeManagerAddress"] != ray.util.get_node_ip_address():
+            raise UserError(f"the Ray worker on {where} cannot reach this process's temporary Prefect API; set "
+                            "PREFECT_API_URL to a Prefect server every node reaches")
         if result["api"]:
             raise UserError(f"the Ray worker on {where} cannot reach the Prefect API at {api_url} ({result['api']}); "
                             "set PREFECT_API_URL to a Prefect server every node reaches")
@@ -276,12 +280,17 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def api_url() -> str | None:
-    """The Prefect API the workers must report to: PREFECT_API_URL, else this process's temporary server."""
+def configured_api() -> str | None:
+    """PREFECT_API_URL, when a Prefect server is configured (else the run gets a temporary one)."""
     from prefect.settings import PREFECT_API_URL
 
-    if PREFECT_API_URL.value():
-        return str(PREFECT_API_URL.value())
+    return str(PREFECT_API_URL.value()) if PREFECT_API_URL.value() else None
+
+
+def api_url() -> str | None:
+    """The Prefect API the workers must report to: PREFECT_API_URL, else this process's temporary server."""
+    if configured_api():
+        return configured_api()
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
@@ -295,7 +304,7 @@ def check_start(cfg: ExperimentConfig, out: Path) -> None:
     check_tracking(cfg)
     connect(ray_address(cfg))
     try:
-        check_cluster(out, api_url())
+        check_cluster(out, configured_api())
     except BaseException:
         _disconnect()
         raise
