@@ -380,9 +380,9 @@ def _run_in_worker(*upstream: Any, task: Any, parameters: dict[str, Any], **kwar
     # the worker's own clock; imported here, as the flow's module imports this one
     from flows.pretrain_and_probe import CLOCK
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    granted = ray.get_runtime_context().get_assigned_resources()
     CLOCK.reset()
-    with torch_threads(max(1, int(cpus))):
+    with torch_threads(max(1, int(granted.get("CPU", 1)))), _no_gpu_unless(granted.get("GPU", 0) > 0):
         state = RayTaskRunner._run_prefect_task(*upstream, task=task, parameters=parameters, **kwargs)
     out, phases = parameters.get("out"), CLOCK.export()
     if isinstance(out, str) and phases:
@@ -391,6 +391,27 @@ def _run_in_worker(*upstream: Any, task: Any, parameters: dict[str, Any], **kwar
         except OSError as e:
             log.warning("phase seconds not written: %s", e)
     return state
+
+
+@contextmanager
+def _no_gpu_unless(granted: bool) -> Iterator[None]:
+    """A task Ray granted no GPU sees none (`train.device: auto` then means CPU, e.g. evaluation's retraining).
+
+    Ray leaves CUDA_VISIBLE_DEVICES alone for a task without GPUs, so it would see every GPU of its node; a worker
+    that ran a GPU task exits after it (Ray's max_calls=1 for GPU tasks), so CUDA is not yet set up here.
+    """
+    if granted:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 @contextmanager

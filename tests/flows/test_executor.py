@@ -224,3 +224,21 @@ def test_prefect_yaml_has_a_ray_deployment() -> None:
 
 def test_default_config_file_stays_on_threads() -> None:
     assert load_config().orchestration.executor == "threads"
+
+
+def test_a_task_granted_no_gpu_sees_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray leaves CUDA_VISIBLE_DEVICES alone for a task without GPUs: the executor hides them for its duration."""
+    import os
+
+    from flows.executor import _no_gpu_unless
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with _no_gpu_unless(False):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    with _no_gpu_unless(True):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with _no_gpu_unless(False):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
