@@ -86,6 +86,16 @@ def _applications_opt(p: argparse.ArgumentParser) -> None:
                    "inpainting, generation, augmentation, rate_distortion, disentanglement, or none")
 
 
+def _executor_opts(p: argparse.ArgumentParser) -> None:
+    from .config import EXECUTORS
+
+    p.add_argument("--executor", choices=EXECUTORS, help="where the task runs execute, overriding "
+                   "orchestration.executor: threads (default, in this process) or ray (a Ray cluster; MLflow must "
+                   "be a tracking server, the run folder on storage every node sees)")
+    p.add_argument("--ray-address", metavar="HOST:PORT", help="the Ray cluster's head, overriding "
+                   "orchestration.ray_address (else RAY_ADDRESS, else a local Ray for the run)")
+
+
 def with_applications(cfg: ExperimentConfig, applications: tuple[str, ...] | None) -> ExperimentConfig:
     """`cfg` with `eval.applications` replaced when --applications was given."""
     if applications is None:
@@ -121,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "every variant trains once per seed (as <variant>@seed=<s>) and the report shows the mean over "
                    "seeds with its 95%% interval")
     _applications_opt(p)
+    _executor_opts(p)
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress display and no informational lines; warnings, errors and the outputs remain")
     _common(p)
@@ -295,9 +306,16 @@ def _check_dataset(spec: str) -> None:
 
 def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
     cfg = with_applications(_load_cfg(args), args.applications).with_seeds(args.seeds)
+    cfg = cfg.with_orchestration(executor=args.executor, ray_address=args.ray_address)
     _check_dataset(cfg.data.dataset)
     if args.no_tracking:
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
+    ray = cfg.orchestration.executor == "ray"
+    if ray:  # a local MLflow store or an unreachable cluster fails now, before any folder or training
+        from flows import executor
+
+        executor.check_tracking(cfg)
+        executor.connect(executor.ray_address(cfg))
     if cfg.tracking.enabled:  # an unreachable MLflow fails now, before any folder or training
         from flows.tracking import preflight
 
@@ -311,6 +329,8 @@ def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
         from flows.pretrain_and_probe import data_for
 
         data_for(cfg)  # bad data fails here, in one line, before the flow starts (the flow reuses this load)
+        if ray:  # every node must see the run folder, reach the Prefect API and run this code
+            executor.check_start(cfg, out)
         api_ready()
         return run_local(cfg, out, progress="off" if args.quiet else "live" if sys.stdout.isatty() else "plain",
                          debug=args.debug)

@@ -114,6 +114,10 @@ class TrainConfig(_Frozen):
     # a seed grid: every variant trains once per seed (`<variant>@seed=<s>`); None: the config's `seed` alone
     seeds: tuple[int, ...] | None = None
 
+    # GPUs a training task asks Ray for (orchestration.executor ray; fractions share a GPU); None: 1 when the
+    # cluster has GPUs, else 0. It leaves the trained model unchanged (not part of the training key)
+    gpus_per_task: float | None = Field(None, ge=0)
+
     @field_validator("seeds", mode="before")
     @classmethod
     def _seed_list(cls, v: Any) -> Any:
@@ -234,6 +238,28 @@ class TrackingConfig(_Frozen):
     flush_timeout_s: float = Field(300.0, gt=0)  # the longest the end of a run waits for queued writes
 
 
+EXECUTORS = ("threads", "ray")
+_RAY_ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9_.\-]+:[0-9]{1,5}|\[[0-9A-Fa-f:]+\]:[0-9]{1,5}|auto")
+
+
+class OrchestrationConfig(_Frozen):
+    """Where the flow's task runs execute: threads of the flow's process, or a Ray cluster through prefect-ray."""
+
+    executor: Literal["threads", "ray"] = "threads"
+    # the cluster's head, HOST:PORT (GCS port) or ray://HOST:PORT (Ray Client); None: RAY_ADDRESS, else a local Ray
+    ray_address: str | None = None
+    # CPUs each task asks Ray for, and torch threads per task under either executor; None: 1 on Ray, and under
+    # threads the process's cores shared by the task runs side by side
+    cpus_per_task: int | None = Field(None, gt=0)
+
+    @field_validator("ray_address")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None and not _RAY_ADDRESS.fullmatch(v.strip()):
+            raise ValueError(f"{v!r} is not HOST:PORT, ray://HOST:PORT or auto")
+        return None if v is None else v.strip()
+
+
 class ExperimentConfig(_Frozen):
     """Everything one run of pretrain-and-probe needs."""
 
@@ -242,6 +268,7 @@ class ExperimentConfig(_Frozen):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     seed: int = 0
 
     def with_beta(self, beta: float) -> ExperimentConfig:
@@ -285,6 +312,21 @@ class ExperimentConfig(_Frozen):
         except ValueError as e:
             shown = (seeds if isinstance(seeds, str) else ",".join(map(str, seeds))) or "''"
             raise ConfigError(f"--seeds {shown}: {e}") from None
+
+    def with_orchestration(self, *, executor: str | None = None, ray_address: str | None = None) -> ExperimentConfig:
+        """A copy with `--executor` / `--ray-address` applied and validated; an error names the flag."""
+        given = {k: v for k, v in (("executor", executor), ("ray_address", ray_address)) if v is not None}
+        if not given:
+            return self
+        try:
+            return self.model_copy(update={"orchestration": OrchestrationConfig.model_validate(
+                {**self.orchestration.model_dump(), **given})})
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = str(err["loc"][0]) if err["loc"] else "executor"
+            flag = {"executor": "--executor", "ray_address": "--ray-address"}.get(key, key)
+            msg = err["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{flag} {given.get(key, '')}: {msg}") from None
 
     def sha256(self, *sections: str) -> str:
         """Stable hash of the whole config or of the named sections."""

@@ -66,8 +66,9 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-OPERATIONAL = {"timeout_s", "checkpoint_every_s", "seeds"}  # training settings that leave the trained model unchanged
-# (`seeds` lists a grid's seeds; each model trains with the one it is given as `seed`)
+# training settings that leave the trained model unchanged (`seeds` lists a grid's seeds; each model trains with
+# the one it is given as `seed`)
+OPERATIONAL = {"timeout_s", "checkpoint_every_s", "seeds", "gpus_per_task"}
 
 
 TRAINER_VERSION = 2  # raised when the same key would train a different model (2: data likelihoods, plateau stop)

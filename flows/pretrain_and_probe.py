@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -36,7 +36,7 @@ from ae_repr.data import Dataset, load_dataset, parse_dataset_spec
 from ae_repr.features import extract_features
 from ae_repr.io import read_json, sha256_file, write_json
 from ae_repr.seeds import Member, grid_members, pretraining_seeds
-from ae_repr.train import torch_threads, train_variant
+from ae_repr.train import train_variant
 from evaluation import (
     BASELINES_NAME,
     SWEEP_NAME,
@@ -50,6 +50,7 @@ from evaluation import (
 )
 from evaluation.variant_plots import variant_plots
 
+from .executor import Executor, running_on, task_logging
 from .progress_log import epoch_reporter, task_started
 from .tracking import Recorder, example_rows
 
@@ -149,6 +150,23 @@ class _Clock:
 
         return timed  # type: ignore[return-value]
 
+    def __reduce__(self) -> tuple[Callable[[], _Clock], tuple[()]]:
+        # a task's code shipped to a Ray worker names CLOCK: it unpickles as that process's own clock
+        return _process_clock, ()
+
+    def export(self) -> dict[str, list[float]]:
+        """Per phase: [busy seconds, first start, last end] (wall clock), to be merged in another process."""
+        with self._lock:
+            return {k: [self.busy[k], s[0], s[1]] for k, s in self.spans.items()}
+
+    def merge(self, phases: dict[str, list[float]]) -> None:
+        """Add the phases another process measured (`export` of a Ray task's clock)."""
+        with self._lock:
+            for name, (busy, start, end) in phases.items():
+                self.busy[name] += busy
+                span = self.spans.setdefault(name, [start, end])
+                span[0], span[1] = min(span[0], start), max(span[1], end)
+
     def summary(self) -> dict[str, Any]:
         """Seconds per phase: busy (summed over threads) and wall (first start to last end)."""
         with self._lock:
@@ -163,12 +181,16 @@ class _Clock:
 CLOCK = _Clock()
 
 
+def _process_clock() -> _Clock:
+    return CLOCK
+
+
 def _identity(cfg: ExperimentConfig, variant: str) -> dict[str, Any]:
     """What a trained model depends on: its own model config, training, data, seed, package version."""
     return {
         "variant": variant,
         "model": cfg.models.model_config_for(variant).model_dump(mode="json"),
-        "train": cfg.train.model_dump(mode="json", exclude={"timeout_s"}),
+        "train": cfg.train.model_dump(mode="json", exclude={"timeout_s", "gpus_per_task"}),
         "data": cfg.data.model_dump(mode="json"),
         "data_sha256": data_for(cfg).sha256,
         "seed": cfg.seed,
@@ -221,7 +243,7 @@ def prepare_data(cfg: ExperimentConfig, out: str) -> dict[str, Any]:
 def train_task(variant: str, cfg: ExperimentConfig, out: str, log_fn: EpochLog | None = None,
                name: str | None = None) -> str:
     """Train one variant into `models/<name or variant>`; returns its model folder."""
-    with CLOCK.phase("training"):
+    with CLOCK.phase("training"), task_logging(log_fn):
         res = train_variant(variant, data_for(cfg), cfg, Path(out) / "models" / (name or variant),
                             log_fn=epoch_reporter(name or variant, CLOCK.wrap("tracking", log_fn)), progress=False)
     if res.skipped:
@@ -337,6 +359,8 @@ def pretrain_and_probe(
     latent_dim: int | None = None,
     out: str | None = None,
     seeds: list[int] | str | None = None,
+    executor: Literal["threads", "ray"] | None = None,
+    ray_address: str | None = None,
 ) -> State:
     """Pretrain every configured variant, extract features, evaluate them against baselines, report.
 
@@ -347,27 +371,31 @@ def pretrain_and_probe(
         variants: Variants to train, overriding models.variants: a list or a comma-separated string.
         epochs: Cap on training epochs, overriding train.epochs.
         latent_dim: Representation width K, overriding models.latent_dim.
-        out: Run directory; runs/<dataset> under the working directory when not given.
+        out: Run directory; runs/<dataset> under the working directory when not given. With the ray executor,
+            storage every node of the cluster sees at the same path.
         seeds: Pretraining seeds, overriding train.seeds: a list or a comma-separated string. With more than one,
             every variant trains once per seed, named <variant>@seed=<s>, and the summary adds each variant's
             mean over the seeds with a 95% interval over them.
+        executor: Where the task runs execute, overriding orchestration.executor: threads (of the flow run's
+            process) or ray (a Ray cluster through prefect-ray; MLflow must then be a tracking server).
+        ray_address: The Ray cluster's head as HOST:PORT, overriding orchestration.ray_address; else RAY_ADDRESS.
     """
     CLOCK.reset()
     cfg = resolve_config(config, dataset=dataset, variants=variants, epochs=epochs, latent_dim=latent_dim)
-    cfg = cfg.with_seeds(seeds)
+    cfg = cfg.with_seeds(seeds).with_orchestration(executor=executor, ray_address=ray_address)
     out_dir = Path(out or default_out(cfg)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     info = prepare_data(cfg, str(out_dir))
     with CLOCK.phase("tracking"):
         recorder = Recorder.start(cfg, out_dir, info, example_rows(data_for(cfg))[0], flow_run=_flow_run())
     try:
-        with torch_threads(threads_per_task()):
-            return _run(cfg, out_dir, recorder)
+        with running_on(cfg, out_dir, threads_per_task()) as ex:
+            return _run(cfg, out_dir, recorder, ex)
     finally:
         recorder.abandon()  # a no-op after `finish`; ends the runs as FAILED when the flow body raised
 
 
-def _run(cfg: ExperimentConfig, out_dir: Path, recorder: Recorder) -> State:
+def _run(cfg: ExperimentConfig, out_dir: Path, recorder: Recorder, ex: Executor) -> State:
     """The flow's body, with its recorder open."""
     logger = get_run_logger()
     members = grid_members(cfg)  # each variant once per pretraining seed (once, under its own name, without a grid)
@@ -375,7 +403,7 @@ def _run(cfg: ExperimentConfig, out_dir: Path, recorder: Recorder) -> State:
         runs = {m.name: recorder.start_variant(m.variant, name=m.name, seed=m.grid_seed) for m in members}
 
     # a deleted or never-written output is recomputed (and re-cached), never served stale from the cache
-    trained = {m.name: _train(m.variant, m.cfg, out_dir, recorder.metric_logger(m.name),
+    trained = {m.name: _train(m.variant, m.cfg, out_dir, ex.train_logger(recorder, m.name),
                               m.name if m.in_grid else None, run_name=f"train-{m.name}") for m in members}
     # the sweep's models train with the first pretraining seed only
     sweep = {b: _train("beta_vae", members[0].cfg.with_beta(b), out_dir, None, f"beta_sweep/beta_{b:g}")
@@ -389,7 +417,7 @@ def _run(cfg: ExperimentConfig, out_dir: Path, recorder: Recorder) -> State:
             cached = [what for what, f in (("trained model", trained[v]), ("features", fut)) if f.state.name == "Cached"]
             if cached:
                 logger.info("%s: %s served from the cache (same config, data and version)", v, " and ".join(cached))
-            evaluated[v] = _evaluate(v, fut.result(), cfg, out_dir, recorder.eval_logger(v))
+            evaluated[v] = _evaluate(v, fut.result(), cfg, out_dir, ex.eval_logger(recorder, v))
         else:
             failures[v] = _reason(trained[v]) or _reason(fut) or fut.state.name
             logger.error("%s failed: %s", v, failures[v])
@@ -424,7 +452,8 @@ def _run(cfg: ExperimentConfig, out_dir: Path, recorder: Recorder) -> State:
             recorder.log_results(failures)
         recorder.finish(failures)
     _artifacts(out_dir, recorder, failures)
-    timings = CLOCK.summary()
+    ex.collect(CLOCK, out_dir)
+    timings = {**CLOCK.summary(), "executor": ex.name}
     write_json(out_dir / TIMINGS, timings)
     logger.info("summary: %s; report: %s; time per phase: %s", summary, out_dir / "report.md",
                 ", ".join(f"{k} {v['busy_s']:.1f}s" for k, v in timings["phases"].items()))

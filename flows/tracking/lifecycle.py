@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import resource
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +32,7 @@ from ae_repr.io import read_json, write_json
 from ae_repr.seeds import grid_members
 
 from . import record as rec
+from .remote import RunLog, epoch_items, logged_epochs
 from .session import Session
 from .store import check_reachable, display_uri, tracking_uri
 
@@ -71,6 +71,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._epochs: dict[str, int] = {}  # run id -> last epoch streamed live
         self._eval_logged: dict[str, dict[str, float]] = {}  # run id -> eval metrics streamed live
+        self._remote: set[str] = set()  # run ids whose epochs another process streamed (RunLog)
         self._finished = False
         self._live = False
 
@@ -162,15 +163,24 @@ class Recorder:
         session = self._session
 
         def log_epoch(metrics: dict[str, float], step: int) -> None:
-            usage = resource.getrusage(resource.RUSAGE_SELF)
-            items = [(k, float(v), step) for k, v in metrics.items()]
-            items += [("system/max_rss_mb", usage.ru_maxrss / 1024, step),
-                      ("system/process_cpu_s", usage.ru_utime + usage.ru_stime, step)]
-            session.log_metrics(run_id, items)
+            session.log_metrics(run_id, epoch_items(metrics, step))
             with self._lock:
                 self._epochs[run_id] = max(step, self._epochs.get(run_id, 0))
 
         return log_epoch
+
+    def remote_logger(self, variant: str) -> RunLog | None:
+        """A picklable per-epoch metrics callback for a task in another process (a Ray worker)."""
+        run_id = self.runs.get(variant)
+        if self._session is None or run_id is None:
+            return None
+        self._remote.add(run_id)  # what it logged is read back from MLflow before the history upload
+        return RunLog(self._session.uri, run_id, retries=self.settings.retries, backoff_s=self.settings.retry_backoff_s)
+
+    def tag_variant(self, variant: str, tags: Mapping[str, str]) -> None:
+        """Queue tags on the variant's run."""
+        if self._session is not None:
+            self._session.log_tags(self.runs.get(variant), dict(tags))
 
     def eval_logger(self, variant: str) -> Callable[[dict[str, float]], None] | None:
         """An evaluation metrics callback (only enqueues)."""
@@ -213,6 +223,8 @@ class Recorder:
         assert session is not None
         model_dir = self.out_dir / "models" / variant
         history = read_json(model_dir / "history.json") if (model_dir / "history.json").is_file() else []
+        if run_id in self._remote:
+            after_epoch = logged_epochs(session.client, run_id, history)
         session.log_metrics(run_id, rec.history_metrics(history, after_epoch))
         # a failed variant's folder may hold an earlier run's figures: they are not this run's
         plots = rec.variant_plots(self.out_dir, variant) if self.settings.log_plots and not failed else []

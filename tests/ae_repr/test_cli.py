@@ -103,6 +103,7 @@ def test_flow_parameters_carry_descriptions() -> None:
     from flows.pretrain_and_probe import pretrain_and_probe
 
     props = parameter_schema(pretrain_and_probe.fn).properties
-    assert set(props) == {"config", "dataset", "variants", "epochs", "latent_dim", "out", "seeds"}
+    assert set(props) == {"config", "dataset", "variants", "epochs", "latent_dim", "out", "seeds", "executor",
+                          "ray_address"}
     assert all(p.get("description") for p in props.values()), props
     assert "latent_dim" in props["latent_dim"]["description"]

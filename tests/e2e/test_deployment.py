@@ -143,6 +143,9 @@ def test_deploy_from_the_checkout_and_schedule(deployed: Services):
         assert local.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
         assert local.work_pool_name == "local-cpu" and gpu.work_pool_name == "gpu"
         assert gpu.job_variables["env"]["CUDA_VISIBLE_DEVICES"] == "0"
+        ray = client.read_deployment_by_name("pretrain-and-probe/ray")  # the same flow, its tasks on Ray
+        assert ray.entrypoint == local.entrypoint and ray.parameters == {"executor": "ray"}
+        assert "RAY_ADDRESS" in ray.job_variables["env"]
         (schedule,) = weekly.schedules
         assert schedule.schedule.cron == "0 3 * * 0" and schedule.schedule.timezone == "UTC" and schedule.active
         # a real server's scheduler turns the cron into scheduled runs (never in ephemeral mode)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -165,6 +166,8 @@ def test_variant_runs(tracked):
                 "plots/latent_map.png"} <= arts, arts
         assert ("plots/prior_samples.png" in arts) == (v == "vae")  # a plain AE has no prior
         assert read_features(out / "features" / f"{v}.parquet").meta["mlflow_run_id"] == rid
+        # threads: the task ran in this process, which tagged its run with itself
+        assert run.data.tags["ae_repr.worker"] == f"{socket.gethostname()}:{os.getpid()}"
 
 
 def test_baseline_runs_sit_beside_the_variant_runs(tracked):
