@@ -34,7 +34,7 @@ from ae_repr.checkpoint import DESCRIPTION, WEIGHTS
 from ae_repr.config import ExperimentConfig, load_config, validate_config
 from ae_repr.data import Dataset, load_dataset, parse_dataset_spec
 from ae_repr.features import extract_features
-from ae_repr.io import read_json, sha256_file, write_json
+from ae_repr.io import exclusive_lock, read_json, sha256_file, write_json
 from ae_repr.seeds import Member, grid_members, pretraining_seeds
 from ae_repr.train import train_variant
 from evaluation import (
@@ -50,6 +50,7 @@ from evaluation import (
 )
 from evaluation.variant_plots import variant_plots
 
+from .crashed import settle_flow_run
 from .executor import Executor, running_on, task_logging
 from .progress_log import epoch_reporter, task_started
 from .tracking import Recorder, example_rows
@@ -385,14 +386,18 @@ def pretrain_and_probe(
     cfg = cfg.with_seeds(seeds).with_orchestration(executor=executor, ray_address=ray_address)
     out_dir = Path(out or default_out(cfg)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = prepare_data(cfg, str(out_dir))
-    with CLOCK.phase("tracking"):
-        recorder = Recorder.start(cfg, out_dir, info, example_rows(data_for(cfg))[0], flow_run=_flow_run())
-    try:
-        with running_on(cfg, out_dir, threads_per_task()) as ex:
-            return _run(cfg, out_dir, recorder, ex)
-    finally:
-        recorder.abandon()  # a no-op after `finish`; ends the runs as FAILED when the flow body raised
+    # one run per folder, deployments too (`ae-repr run` holds the lock already: re-entrant); holding it, whatever
+    # the folder's previous run left unfinished was killed, and is marked so
+    with exclusive_lock(out_dir, "flow run"):
+        settle_flow_run(out_dir, _flow_run()["id"])
+        info = prepare_data(cfg, str(out_dir))
+        with CLOCK.phase("tracking"):
+            recorder = Recorder.start(cfg, out_dir, info, example_rows(data_for(cfg))[0], flow_run=_flow_run())
+        try:
+            with running_on(cfg, out_dir, threads_per_task()) as ex:
+                return _run(cfg, out_dir, recorder, ex)
+        finally:
+            recorder.abandon()  # a no-op after `finish`; ends the runs as FAILED when the flow body raised
 
 
 def _run(cfg: ExperimentConfig, out_dir: Path, recorder: Recorder, ex: Executor) -> State:

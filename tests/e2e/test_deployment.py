@@ -217,7 +217,7 @@ def test_worker_killed_mid_run_then_rerun_completes_from_cache(deployed: Service
     from ae_repr.checkpoint import load_model
 
     out = tmp_path / "out"
-    params = ["--param", f"config={_config(tmp_path / 'crash.yaml', tracking=False, finetune=True, epochs=1)}",
+    params = ["--param", f"config={_config(tmp_path / 'crash.yaml', tracking=True, finetune=True, epochs=1)}",
               "--param", "variants=" + ",".join(VARIANTS), "--param", f"out={out}"]
     res = deployed.prefect("deployment", "run", "pretrain-and-probe/local", *params)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -254,6 +254,24 @@ def test_worker_killed_mid_run_then_rerun_completes_from_cache(deployed: Service
 
         states = _wait("the rerun's task states", final_states, 30)
     assert all(states[f"{t}-{v}"] == "Cached" for t in ("train", "extract") for v in VARIANTS), states
+
+    # no zombies: the rerun found the killed run unfinished in its folder and marked it, in Prefect and MLflow
+    with _api(deployed) as client:
+        crashed, rerun = client.read_flow_run(crashed_id), client.read_flow_run(rerun_id)
+    assert crashed.state_name == "Crashed" and rerun_id in (crashed.state.message or ""), crashed.state
+    assert f"rerun-of:{crashed_id}" in rerun.tags, rerun.tags
+    from mlflow import MlflowClient
+
+    ml = MlflowClient(deployed.env["MLFLOW_TRACKING_URI"])
+    exp = ml.get_experiment_by_name("pretrain-and-probe")
+    parents = {r.data.tags["prefect.flow_run_id"]: r for r in ml.search_runs(
+        [exp.experiment_id], f"tags.`ae_repr.run_kind` = 'parent' and tags.`ae_repr.out_dir` = '{out}'")}
+    killed, done = parents[crashed_id], parents[rerun_id]
+    assert killed.info.status == "KILLED" and done.info.status == "FINISHED"
+    assert done.data.tags["ae_repr.rerun_of"] == killed.info.run_id
+    children = ml.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{killed.info.run_id}'")
+    assert children and {c.info.status for c in children} <= {"KILLED", "FINISHED"}, \
+        [(c.info.run_name, c.info.status) for c in children]
 
     # nothing the killed run wrote is corrupt: every output reads back, every model passes its checksum
     for path in out.rglob("*"):

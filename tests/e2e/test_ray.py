@@ -30,10 +30,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 VARIANTS = ("ae", "vae")
+SEEDS = (0, 1)  # a seed grid: each variant trains once per seed, as separate Ray tasks
+MEMBERS = {f"{v}@seed={s}" for v in VARIANTS for s in SEEDS}
 EPOCHS = 2
 GIB = 1024**3
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.e2e, pytest.mark.scenario, pytest.mark.timeout(600)]  # a Ray cluster: `make test-scenarios`
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import services as svc  # noqa: E402  (scripts/ is not a package)
@@ -198,7 +200,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         stack.threads_out, stack.ray_out = tmp / "threads", tmp / "ray"
         # the reference run on threads, while the servers start
         threads = subprocess.Popen([sys.executable, "-c", _THREADS, "run", "--config", str(stack.config), "--out",
-                                    str(stack.threads_out), "--no-tracking", "--quiet"],
+                                    str(stack.threads_out), "--seeds", "0,1", "--no-tracking", "--quiet"],
                                    env=_env(), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait_port(port, head, 180)  # the head's GCS answers: the worker node can join (it waits for the rest)
         worker_cmd = [str(BIN / "ray"), "start", "--address", stack.address, *node]
@@ -217,7 +219,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         stack.seconds["servers and threads run"] = time.monotonic() - started
         t0 = time.monotonic()
         run = subprocess.Popen(_cli("--config", str(stack.config), "--out", str(stack.ray_out), "--executor", "ray",
-                                    "--ray-address", stack.address),
+                                    "--ray-address", stack.address, "--seeds", "0,1"),
                                env=_env(MLFLOW_TRACKING_URI=mlflow), cwd=tmp, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
         stack.driver_pid = run.pid
@@ -239,8 +241,9 @@ def _variant_runs(stack: Stack) -> dict[str, object]:
     exp = client.get_experiment_by_name("pretrain-and-probe")
     (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`ae_repr.run_kind` = 'parent'")
     assert parent.info.status == "FINISHED"
-    return {r.data.tags["variant"]: r for r in client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    return {r.info.run_name: r for r in client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        if r.data.tags.get("variant")}  # the baselines' runs aside
 
 
 def test_training_ran_in_ray_worker_processes(stack: Stack) -> None:
@@ -248,7 +251,7 @@ def test_training_ran_in_ray_worker_processes(stack: Stack) -> None:
 
     client = MlflowClient(stack.mlflow)
     runs = _variant_runs(stack)
-    assert set(runs) == set(VARIANTS)
+    assert set(runs) == MEMBERS
     workers = {int(m.group(1)) for p in stack.ray_tmp.rglob("python-core-worker-*.log")
                if (m := re.search(r"_(\d+)\.log$", p.name))}
     for v, run in runs.items():
@@ -276,6 +279,17 @@ def test_same_numbers_as_threads(stack: Stack) -> None:
     for col in ("value", "ci_low", "ci_high"):
         a, b = threads[col].to_numpy(float), ray[col].to_numpy(float)
         assert ((abs(a - b) <= 1e-6) | (pd.isna(a) & pd.isna(b))).all(), threads[keys][abs(a - b) > 1e-6]
+
+
+def test_the_summary_has_per_seed_and_aggregate_rows(stack: Stack) -> None:
+    s = pd.read_parquet(stack.ray_out / "summary.parquet")
+    probe = s[(s["task"] == "linear_probe") & (s["metric"] == "accuracy")].set_index("representation")
+    assert set(probe.index) >= MEMBERS | set(VARIANTS)
+    for v in VARIANTS:
+        seeds = probe.loc[[f"{v}@seed={s}" for s in SEEDS], "value"]
+        assert probe.loc[v, "n_seeds"] == 2 and probe.loc[v, "value"] == pytest.approx(seeds.mean())
+        assert probe.loc[v, "ci_method"] == "pretraining_seeds" and probe.loc[v, "ci_low"] <= seeds.min()
+    assert (stack.ray_out / "models" / f"{VARIANTS[0]}@seed=1" / "model.pt").is_file()
 
 
 def test_timings_add_the_workers_phases(stack: Stack) -> None:
