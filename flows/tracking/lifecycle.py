@@ -86,12 +86,12 @@ class Recorder:
         """A live recorder: the parent run opened when tracking is enabled; UserError if MLflow is down."""
         recorder = cls(cfg, out_dir, info, example, flow_run=flow_run)
         previous = read_json(out_dir / RECORD) if (out_dir / RECORD).is_file() else {}
-        (out_dir / RECORD).unlink(missing_ok=True)  # an earlier run's record does not describe this one
-        if cfg.tracking.enabled:
-            recorder.open()
+        if cfg.tracking.enabled:  # the record is replaced once the previous run, if killed, is settled
+            recorder.open(previous=previous.get("parent_run_id"))
             recorder._live = True
             atexit.register(recorder.abandon)  # a crash of the whole process still ends the runs
-            recorder.settle_killed(previous.get("parent_run_id"))
+        else:
+            (out_dir / RECORD).unlink(missing_ok=True)  # an earlier run's record does not describe this one
         return recorder
 
     def settle_killed(self, previous: str | None) -> None:
@@ -116,8 +116,9 @@ class Recorder:
         self._session.log_tags(self.parent_id, {rec.RERUN_TAG: previous})
         log.warning("MLflow: run %s and %d child runs never ended (killed); marked KILLED", previous, len(children))
 
-    def open(self, extra_tags: Mapping[str, str | None] | None = None) -> None:
-        """Reach the store, create the parent run with its tags, params and data set input."""
+    def open(self, extra_tags: Mapping[str, str | None] | None = None, previous: str | None = None) -> None:
+        """Reach the store, create the parent run with its tags, params and data set input; settle the folder's
+        `previous` parent run if it was killed (`settle_killed`)."""
         started = time.perf_counter()
         uri = tracking_uri()
         check_reachable(uri, self.settings.connect_timeout_s)
@@ -129,6 +130,7 @@ class Recorder:
         self.parent_url = session.url(self.parent_id)
         session.log_params(self.parent_id, rec.safe(self.cfg.flat()))
         session.log_dataset(self.parent_id, self.info)
+        self.settle_killed(previous)
         if self.parent_id is not None:
             write_json(self.out_dir / RECORD, {"tracking_uri": display_uri(uri), "experiment": self.settings.experiment,
                                                "parent_run_id": self.parent_id, "parent_url": self.parent_url})
