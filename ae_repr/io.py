@@ -44,6 +44,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def remove_torn_writes(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files (`.<name>.<random>.tmp`) that `atomic_path` writes of a process killed mid-write
+    left under `folder`; only safe while no other process writes there (hold the folder's lock)."""
+    torn = [p for p in Path(folder).rglob(".*.tmp") if p.is_file()]
+    for p in torn:
+        p.unlink(missing_ok=True)
+    return torn
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

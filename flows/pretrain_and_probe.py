@@ -34,7 +34,7 @@ from ae_repr.checkpoint import DESCRIPTION, WEIGHTS
 from ae_repr.config import ExperimentConfig, load_config, validate_config
 from ae_repr.data import Dataset, load_dataset, parse_dataset_spec
 from ae_repr.features import extract_features
-from ae_repr.io import exclusive_lock, read_json, sha256_file, write_json
+from ae_repr.io import exclusive_lock, read_json, remove_torn_writes, sha256_file, write_json
 from ae_repr.seeds import Member, grid_members, pretraining_seeds
 from ae_repr.train import train_variant
 from evaluation import (
@@ -390,6 +390,8 @@ def pretrain_and_probe(
     # the folder's previous run left unfinished was killed, and is marked so
     with exclusive_lock(out_dir, "flow run"):
         settle_flow_run(out_dir, _flow_run()["id"])
+        if torn := remove_torn_writes(out_dir):
+            log.info("removed %d temporary files of writes a killed run left unfinished", len(torn))
         info = prepare_data(cfg, str(out_dir))
         with CLOCK.phase("tracking"):
             recorder = Recorder.start(cfg, out_dir, info, example_rows(data_for(cfg))[0], flow_run=_flow_run())

@@ -108,3 +108,19 @@ def test_the_lock_is_reentrant_within_a_process(tmp_path: Path) -> None:
             pass
         assert json.loads(lock_path(out).read_text())["pid"] == os.getpid(), "the inner block released the lock"
     assert not lock_path(out).exists()
+
+
+def test_torn_writes_of_a_killed_process_are_removed(tmp_path: Path) -> None:
+    """What `atomic_path` leaves when its process dies mid-write (never renamed into place) goes; files stay."""
+    from ae_repr.io import atomic_path, remove_torn_writes
+
+    (tmp_path / "plots").mkdir()
+    keep = tmp_path / "plots" / "a.png"
+    keep.write_bytes(b"done")
+    torn = tmp_path / "plots" / ".b.png.x1y2z3.tmp"
+    torn.write_bytes(b"half")
+    with atomic_path(tmp_path / "c.json") as tmp:  # what a write in progress holds: the same naming
+        assert tmp.name.startswith(".c.json.") and tmp.name.endswith(".tmp")
+        tmp.write_text("{}")
+    assert remove_torn_writes(tmp_path) == [torn]
+    assert keep.read_bytes() == b"done" and (tmp_path / "c.json").is_file() and not torn.exists()
