@@ -129,6 +129,16 @@ def render(r: dict[str, Any]) -> str:
                 "|---|---|---|---|---|",
                 *(f"| {c} | {f[c]['peak_gflops']:.0f} | {f[c]['train_gflops']:.0f} | {f[c]['fraction']:.1%} | "
                   f"{f[c]['fraction_6x']:.1%} |" for c in ("cpu", "wall")), ""]
+    si = r.get("small_images", {})
+    if "total_s" in si:
+        b = si["phases_busy_s"]
+        out += ["## 64×64 images, first try", "",
+                "`ae-repr run --dataset dsprites:2000 --variants vae,beta_vae --epochs 2 --no-tracking` from a fresh "
+                "process: the run a user tries first on images.", "",
+                "| wall s (goal < 120) | peak GiB (goal <= 3) | training busy s | evaluation busy s | evaluation / training |",
+                "|---|---|---|---|---|",
+                f"| {si['total_s']:.1f} | {si['peak_gib']:.2f} | {b.get('training', 0):.1f} | "
+                f"{b.get('evaluation', 0):.1f} | {si['eval_over_train']:.1f} |", ""]
     p = r.get("peer", {})
     if "cpu" in p:
         out += ["## Peer: pythae 0.1.2", "",

@@ -3,8 +3,8 @@
 Full: trainer vs bare (all six variants, MLP and conv; the VAE also against a bare loop with stock
 AdamW), FLOP/s vs the matmul peak, pythae vs ours, feature extraction, dSprites scale, `ae-repr run`
 end to end with tracking on and off, `ae-repr run` vs the hand-written pipeline. Quick (CI-sized,
-a few minutes): trainer vs bare for vae and vq_vae on MLP and conv at half the rows, FLOP/s and
-extraction; it prints the same summary and writes nothing unless --results is given. The last line is
+a few minutes): trainer vs bare for vae and vq_vae on MLP and conv at half the rows, FLOP/s,
+extraction and the 64×64 run (dsprites:2000, two variants, two epochs: time, peak memory, evaluation/training); it prints the same summary and writes nothing unless --results is given. The last line is
 `trainer_vs_bare=<the smallest ratio>`. `--only NAME[,NAME]` runs just those benchmarks of the full
 run (`make bench-anchor`: `--only vs_handwritten`), writes only with --results and ends without that line.
 """
@@ -23,6 +23,7 @@ import extraction
 import flops
 import peer_pythae
 import scale
+import small_images
 import trainer_vs_bare
 import vs_handwritten
 from _common import dump, machine, say
@@ -61,6 +62,7 @@ def plan(quick: bool) -> dict[str, Callable[[], dict[str, Any]]]:
         "trainer_vs_bare": lambda: trainer_cases(quick),
         "flops": lambda: flops.run(2 if quick else 3),
         "extraction": lambda: extraction.run(100_000, 3 if quick else 5),
+        "small_images": lambda: small_images.run(1),
     }
     if not quick:
         steps["peer"] = lambda: peer_pythae.run(3)
