@@ -87,6 +87,8 @@ def log_encoder(client: Any, run_id: str, variant: str, model_dir: Path, example
         client.set_tag(run_id, REGISTERED_MODEL_TAG, name)
         client.set_tag(run_id, MODEL_VERSION_TAG, str(same.version))
         client.set_tag(run_id, REGISTRY_TAG, UNCHANGED)
+        if CHAMPION not in client.get_registered_model(name).aliases:  # its registration was cut short by a kill
+            client.set_registered_model_alias(name, CHAMPION, str(same.version))
         log.info("MLflow: %s unchanged since version %s (same weights, sha256 %s): nothing registered", name,
                  same.version, weights[:12])
         return
@@ -106,16 +108,14 @@ def log_encoder(client: Any, run_id: str, variant: str, model_dir: Path, example
     model = mlflow.pytorch.log_model(
         enc, name=MODEL_NAME, run_id=run_id, signature=signature, input_example=x,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-        registered_model_name=name if register else None,
         validate_serving_input=False,  # a reload + predict per model; the tests load and run the model
         metadata=safe({**identity, "latent_dim": enc.latent_dim, "input": "raw rows, float32"}),
     )
-    version = getattr(model, "registered_model_version", None)
-    if register and version is not None:
-        for key, value in identity.items():
-            client.set_model_version_tag(name, str(version), key, value)
-        if seed is not None:
-            client.set_model_version_tag(name, str(version), "seed", str(seed))
+    if register:
+        # the version is created with its identity (the weights checksum above all) in one store call: a process
+        # killed right after registering leaves a version a rerun recognises, never an anonymous duplicate
+        tags = {**identity, **({"seed": str(seed)} if seed is not None else {})}
+        version = mlflow.register_model(model.model_uri, name, tags=tags).version
         registered = client.get_registered_model(name)
         if "dataset" not in registered.tags:
             client.set_registered_model_tag(name, "dataset", identity.get("dataset", ""))

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -202,19 +203,21 @@ def test_unreachable_server_fails_fast_before_training(tmp_path):
 
 
 @pytest.mark.scenario  # several runs at once / a kill mid-run: `make test-scenarios`
-def test_two_runs_at_once_into_one_server_lose_nothing_and_mark_a_diverged_variant(mlflow_server, tmp_path):
-    """Two `ae-repr run` side by side into one server and different folders: both finish, every run and
-    per-epoch metric arrives; in the second run vae diverges (beta beyond float32) and MLflow marks it FAILED."""
+def test_three_runs_at_once_into_one_server_lose_nothing_and_mark_a_diverged_variant(mlflow_server, tmp_path):
+    """Three `ae-repr run` side by side into one server and different folders: all finish, every run, per-epoch
+    metric and model artifact arrives, and the server stays up; in one run vae diverges (beta beyond float32)
+    and MLflow marks it FAILED."""
     from mlflow import MlflowClient
 
     epochs, experiment = 3, "concurrent-runs"
     procs, outs = {}, {}
-    for name, overrides in (("steady", {}), ("diverging", {"vae": {"hidden": [32], "beta": 1e39}})):
+    for name, overrides in (("steady", {}), ("steady-2", {}), ("diverging", {"vae": {"hidden": [32], "beta": 1e39}})):
         (tmp_path / name).mkdir()
         cfg = yaml.safe_load(_config(tmp_path / name).read_text())
         cfg["train"]["epochs"] = epochs
         cfg["tracking"]["experiment"] = experiment
         cfg["models"]["overrides"] = overrides
+        cfg["seed"] = 1 if name == "steady-2" else 0
         cfg["eval"].update(applications=[], fewshot_finetune=False)
         path = tmp_path / name / "run.yaml"
         path.write_text(yaml.safe_dump(cfg))
@@ -233,13 +236,15 @@ def test_two_runs_at_once_into_one_server_lose_nothing_and_mark_a_diverged_varia
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     assert procs["steady"].returncode == 0, logs["steady"][-3000:]
+    assert procs["steady-2"].returncode == 0, logs["steady-2"][-3000:]
     assert procs["diverging"].returncode == 1, logs["diverging"][-3000:]
+    assert urllib.request.urlopen(f"{mlflow_server}/health", timeout=10).status == 200  # the server stayed up
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name(experiment)
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`ae_repr.run_kind` = 'parent'")
     statuses = sorted(p.info.status for p in parents)
-    assert statuses == ["FAILED", "FINISHED"], statuses
+    assert statuses == ["FAILED", "FINISHED", "FINISHED"], statuses
     for parent in parents:
         children = {r.data.tags["variant"]: r for r in client.search_runs(
             [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
@@ -257,5 +262,9 @@ def test_two_runs_at_once_into_one_server_lose_nothing_and_mark_a_diverged_varia
             assert sorted(m.step for m in history) == list(range(1, epochs + 1)), (v, history)
             assert len(client.get_metric_history(run.info.run_id, "val/loss")) == epochs
             assert "eval/linear_probe_accuracy" in run.data.metrics
+            # its encoder is a registered version (its own, or the same weights registered by a run beside it)
+            tags = run.data.tags
+            assert client.get_model_version(tags["ae_repr.registered_model"], tags["ae_repr.model_version"]), tags
+        assert "report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
         if failed:
             assert parent.data.tags.get("failed") == "vae", parent.data.tags

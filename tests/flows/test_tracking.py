@@ -342,7 +342,8 @@ def test_store_down_mid_run_then_log_run(tracked, tmp_path, monkeypatch):
 
 def test_a_killed_runs_mlflow_runs_are_ended_by_the_next_run_into_its_folder(tracked, tmp_path, monkeypatch):
     """A run killed outright leaves its runs RUNNING; the next run into the folder ends them KILLED and links to
-    the killed parent; runs that ended (FINISHED) are left alone."""
+    the killed parent; runs that ended (FINISHED) are left alone. (An experiment of its own: the module's other
+    tests read the tracked run's.)"""
     import atexit
 
     from flows.tracking import Recorder
@@ -352,21 +353,22 @@ def test_a_killed_runs_mlflow_runs_are_ended_by_the_next_run_into_its_folder(tra
     out = tmp_path / "out"
     shutil.copytree(src, out)
     info = {"dataset": "digits", "sha256": "0" * 64, "rows": 1797, "shape": [1, 8, 8]}
-    killed = Recorder.start(_cfg(), out, info, np.zeros((4, 1, 8, 8), np.float32))
+    cfg = _cfg().model_copy(update={"tracking": _cfg().tracking.model_copy(update={"experiment": "killed"})})
+    killed = Recorder.start(cfg, out, info, np.zeros((4, 1, 8, 8), np.float32))
     runs = {v: killed.start_variant(v) for v in VARIANTS}
     atexit.unregister(killed.abandon)  # as SIGKILL would: nothing ends the runs
     assert killed._session.close(30)
     client = _client(uri)
     assert {client.get_run(r).info.status for r in (*runs.values(), killed.parent_id)} == {"RUNNING"}
 
-    rerun = Recorder.start(_cfg(), out, info, np.zeros((4, 1, 8, 8), np.float32))
+    rerun = Recorder.start(cfg, out, info, np.zeros((4, 1, 8, 8), np.float32))
     rerun.finish({})
     for run_id in (*runs.values(), killed.parent_id):
         run = client.get_run(run_id)
         assert run.info.status == "KILLED" and rerun.parent_id in run.data.tags["failure_reason"]
     assert client.get_run(rerun.parent_id).data.tags["ae_repr.rerun_of"] == killed.parent_id
 
-    again = Recorder.start(_cfg(), out, info, np.zeros((4, 1, 8, 8), np.float32))  # the rerun ended: no rerun_of
+    again = Recorder.start(cfg, out, info, np.zeros((4, 1, 8, 8), np.float32))  # the rerun ended: no rerun_of
     again.finish({})
     assert client.get_run(rerun.parent_id).info.status == "FINISHED"
     assert "ae_repr.rerun_of" not in client.get_run(again.parent_id).data.tags

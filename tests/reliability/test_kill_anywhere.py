@@ -5,8 +5,8 @@ One chain of attempts into one folder: each attempt is killed at the next point 
 after training, extraction, the baselines' and the variants' evaluation, the figures, the summary, the tracking
 uploads, the registry), the next one goes on from what the killed one left. After every kill: nothing the run
 started is alive and every output file present reads back. At the end: the summary equals an uninterrupted
-run's (timings aside), no temporary file is left, the registry holds one version per model (the rerun
-recognises weights it registered already), `tracking_pending.json` is gone, and no MLflow run is left RUNNING.
+run's (timings aside), no temporary file is left, the registry holds one version per model with its
+champion alias (a rerun recognises weights registered already, also by a killed attempt), `tracking_pending.json` is gone, and no MLflow run is left RUNNING.
 """
 
 from __future__ import annotations
@@ -150,8 +150,9 @@ def test_kill_anywhere_then_rerun_gives_the_uninterrupted_result(tmp_path: Path)
     last = _start(args, env, tmp_path / "final.log")
     assert last.wait(timeout=900) == 0, (tmp_path / "final.log").read_text()[-4000:]
 
-    reference = tmp_path / "reference"  # uninterrupted, into its own folder (its own cache keys)
-    ref = subprocess.run([*CLI, "run", "--config", str(cfg), "--out", str(reference)], cwd=ROOT, env=env,
+    reference = tmp_path / "reference"  # uninterrupted, into its own folder (its own cache keys) and MLflow store
+    ref_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'reference-mlflow.db'}"}
+    ref = subprocess.run([*CLI, "run", "--config", str(cfg), "--out", str(reference)], cwd=ROOT, env=ref_env,
                          capture_output=True, text=True, timeout=900)
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
 
@@ -169,10 +170,12 @@ def test_kill_anywhere_then_rerun_gives_the_uninterrupted_result(tmp_path: Path)
     from mlflow import MlflowClient
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
-    versions = {m.name: [v.version for v in client.search_model_versions(f"name = '{m.name}'")]
-                for m in client.search_registered_models()}
-    assert sorted(versions) == [f"ae-repr-digits-{v}" for v in VARIANTS] and all(
-        len(v) == 1 for v in versions.values()), versions  # the reference's weights were the chain's: unchanged
+    models = client.search_registered_models()
+    versions = {m.name: client.search_model_versions(f"name = '{m.name}'") for m in models}
+    assert sorted(versions) == [f"ae-repr-digits-{v}" for v in VARIANTS], sorted(versions)
+    assert all(len(v) == 1 for v in versions.values()), {k: [x.version for x in v] for k, v in versions.items()}
+    assert all("weights_sha256" in v[0].tags for v in versions.values())  # recognisable by a later rerun
+    assert all(str(m.aliases.get("champion")) == "1" for m in models), {m.name: m.aliases for m in models}
     exp = client.get_experiment_by_name("pretrain-and-probe")
     running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
     assert not running, [(r.info.run_name, r.data.tags.get("ae_repr.out_dir")) for r in running]
