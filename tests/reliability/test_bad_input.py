@@ -305,6 +305,40 @@ def _(ctx: Ctx) -> Case:
                 ("--variants", "hvae"), out)
 
 
+def _run(ctx: Ctx, *extra: str) -> tuple[list[str], Path]:
+    out = ctx.dir / "out"
+    return ["run", "--config", str(ctx.tiny), "--variants", "ae", "--out", str(out), *extra], out
+
+
+@case("run-seeds-repeated")
+def _(ctx: Ctx) -> Case:
+    args, out = _run(ctx, "--no-tracking", "--seeds", "0,1,0")
+    return Case(args, ("--seeds 0,1,0", "twice"), out)
+
+
+@case("run-seeds-negative")
+def _(ctx: Ctx) -> Case:
+    args, out = _run(ctx, "--no-tracking", "--seeds", "-1")
+    return Case(args, ("--seeds", "negative"), out)
+
+
+@case("run-ray-unreachable")
+def _(ctx: Ctx) -> Case:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args, out = _run(ctx, "--no-tracking", "--executor", "ray", "--ray-address", f"127.0.0.1:{port}")
+    return Case(args, (f"127.0.0.1:{port}", "unreachable"), out)
+
+
+@case("run-ray-with-a-local-mlflow-store")
+def _(ctx: Ctx) -> Case:
+    args, out = _run(ctx, "--executor", "ray", "--ray-address", "127.0.0.1:6379")
+    return Case(args, ("--executor ray", "tracking server"), out)
+
+
 @case("config-latent-dim-0")
 def _(ctx: Ctx) -> Case:
     return train_with_config(ctx, {"models": {"latent_dim": 0}}, "latent_dim")
