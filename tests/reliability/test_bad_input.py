@@ -335,7 +335,10 @@ def _(ctx: Ctx) -> Case:
 
 @case("run-ray-with-a-local-mlflow-store")
 def _(ctx: Ctx) -> Case:
-    args, out = _run(ctx, "--executor", "ray", "--ray-address", "127.0.0.1:6379")
+    tracked = write_config(ctx.dir / "tracked.yaml", {"tracking": {"enabled": True}})  # the local SQLite store
+    out = ctx.dir / "out"
+    args = ["run", "--config", str(tracked), "--variants", "ae", "--out", str(out), "--executor", "ray",
+            "--ray-address", "127.0.0.1:6379"]
     return Case(args, ("--executor ray", "tracking server"), out)
 
 
