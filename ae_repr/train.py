@@ -23,7 +23,7 @@ from .config import ExperimentConfig, TrainConfig
 from .corruption import corrupt
 from .data.dataset import Dataset, Normalizer
 from .errors import TrainingDiverged
-from .io import atomic_path, read_json, write_json
+from .io import atomic_path, read_json, remove_torn_writes, write_json
 from .likelihoods import Likelihood, likelihood_for
 from .models import Autoencoder, ModelConfig, build_model
 
@@ -158,8 +158,7 @@ def train_variant(
         xb = x_all[idx].to(torch.float32)  # a fresh copy (advanced indexing), so in-place is safe
         return xb if identity else xb.sub_(shift).mul_(scale)
 
-    for stale in model_dir.glob(".*.tmp"):  # torn atomic writes of a killed run: never renamed, never needed
-        stale.unlink(missing_ok=True)
+    remove_torn_writes(model_dir)  # of a killed run: never renamed into place, never needed
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=tc.max_steps, initial=state.steps, desc=variant, unit="step", disable=not show, leave=False)
     saved_at = time.perf_counter()

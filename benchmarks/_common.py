@@ -114,6 +114,16 @@ def _jsonable(o: Any) -> Any:
     return asdict(o) if isinstance(o, Measured) else str(o)
 
 
+def run_env(prefect_home: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a measured `ae-repr run` (or script) process: telemetry off, Prefect's home (its cache and
+    the temporary API's database) under `prefect_home` when given, plus `extra`."""
+    env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "MLFLOW_DISABLE_TELEMETRY": "true", **extra}
+    if prefect_home is not None:
+        env["PREFECT_HOME"] = str(prefect_home)
+    return env
+
+
 def say(*parts: object) -> None:
     """Print and flush (results arrive while a long benchmark runs)."""
     print(*parts, flush=True)

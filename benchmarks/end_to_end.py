@@ -13,7 +13,6 @@ then tracking on and off alternate. Goals: under 60 s in all, orchestration + tr
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import rounds_main, say
+from _common import rounds_main, run_env, say
 
 TOTAL_GOAL_S, OVERHEAD_GOAL = 60.0, 0.25
 
@@ -31,9 +30,7 @@ def one_run(home: Path, tracking: bool) -> dict[str, Any]:
     """One `ae-repr run` on digits in a fresh out folder; its wall time and stage split."""
     out = Path(tempfile.mkdtemp(dir=home))
     cli = Path(sys.executable).parent / "ae-repr"
-    env = {**os.environ, "PREFECT_HOME": str(home / "prefect"), "DO_NOT_TRACK": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
+    env = run_env(home / "prefect", MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}")
     cmd = [str(cli), "run", "--dataset", "digits", "--out", str(out)] + ([] if tracking else ["--no-tracking"])
     spawned = time.time()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)

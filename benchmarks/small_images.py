@@ -10,7 +10,6 @@ short, so the ratio here is larger by construction and only tracks evaluation's 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import rounds_main, say
+from _common import rounds_main, run_env, say
 
 TOTAL_GOAL_S, MEMORY_GOAL_GIB = 120.0, 3.0
 
@@ -28,8 +27,7 @@ def one_run(home: Path) -> dict[str, Any]:
     """One run in a fresh folder: wall seconds, peak memory and the busy seconds per phase."""
     out = Path(tempfile.mkdtemp(dir=home))
     cli = Path(sys.executable).parent / "ae-repr"
-    env = {**os.environ, "PREFECT_HOME": str(home / "prefect"), "DO_NOT_TRACK": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = run_env(home / "prefect")
     cmd = [str(cli), "run", "--dataset", "dsprites:2000", "--variants", "vae,beta_vae", "--epochs", "2",
            "--no-tracking", "--quiet", "--out", str(out)]
     started = time.time()

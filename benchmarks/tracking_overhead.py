@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -20,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -61,8 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tracking-overhead-") as tmp:
         tmp_path = Path(tmp)
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TQDM_DISABLE": "1"}
+        env = run_env(MLFLOW_TRACKING_URI=uri, TQDM_DISABLE="1")
         env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import mlflow; mlflow.MlflowClient().search_experiments()"],

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, rounds_main, say
+from _common import ROOT, rounds_main, run_env, say
 
 GOAL, MOONSHOT = 1.0, 0.77
 SIDES = ("ours", "script")
@@ -46,11 +46,9 @@ def command(side: str, run_dir: Path) -> list[str]:
 def one_run(home: Path, side: str) -> dict[str, Any]:
     """One run of `side` with a fresh MLflow store; its wall and CPU seconds."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"{side}-", dir=home))
-    env = {**os.environ, "PREFECT_HOME": str(home / f"prefect-{side}"), "DO_NOT_TRACK": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{run_dir / 'mlflow.db'}",
-           # this checkout's ae_repr, whichever one the venv's console script was installed from
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = run_env(home / f"prefect-{side}", MLFLOW_TRACKING_URI=f"sqlite:///{run_dir / 'mlflow.db'}",
+                  # this checkout's ae_repr, whichever one the venv's console script was installed from
+                  PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a loaded machine starts it slowly
     cmd = command(side, run_dir)
     cpu, wall = _children_cpu(), time.perf_counter()
