@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from ae_repr.variants import registry
 
 from .generation import traversals
 from .plots import save_figure
@@ -161,25 +163,70 @@ def plot_augmentation(pictures: Pictures, path: Path) -> Path | None:
     )
 
 
-def plot_rate_distortion(results: pd.DataFrame, path: Path) -> Path | None:
-    """Rate (KL, nats) against distortion (reconstruction NLL) per VAE-family model; a beta sweep as a curve."""
+SWEEP_VARIANT = "beta_vae"  # the beta sweep's models are this variant at other betas (`<variant>@beta=<b>`)
+
+
+def rate_distortion_points(
+    results: pd.DataFrame, betas: Mapping[str, float] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rate-distortion plane: (the sweep's model family, one curve: `beta`, `rate`, `distortion` sorted by beta;
+    every other model, a marker each). `betas`: {representation: beta} of the trained variants (a sweep member's
+    beta is in its name); a family member of unknown beta is drawn as a marker of its own."""
     rd = results[results["task"] == "rate_distortion"].pivot_table(
         index="representation", columns="metric", values="value", aggfunc="first"
     )
     if rd.empty or not {"rate", "distortion"} <= set(rd.columns):
+        return pd.DataFrame(columns=["beta", "rate", "distortion"]), pd.DataFrame(columns=["rate", "distortion"])
+    rd = rd[["rate", "distortion"]].dropna()
+    beta = pd.Series([_beta_of(str(n), betas or {}) for n in rd.index], index=rd.index, dtype=float)
+    family = np.array([_in_sweep_family(str(n)) for n in rd.index], dtype=bool) & beta.notna().to_numpy()
+    curve = rd[family].assign(beta=beta[family])[["beta", "rate", "distortion"]].sort_values(["beta", "rate"])
+    return curve, rd[~family]
+
+
+def _beta_of(name: str, betas: Mapping[str, float]) -> float:
+    swept = name.partition("@beta=")[2]
+    return float(swept) if swept else float(betas.get(name, np.nan))
+
+
+def _in_sweep_family(name: str) -> bool:
+    """Whether `name`'s variant is the sweep's model class: vae and beta_vae differ by beta alone (config, not code)."""
+    entries = registry()
+    variant = name.split("@", 1)[0]
+    return variant in entries and entries[variant].target == entries[SWEEP_VARIANT].target
+
+
+def plot_rate_distortion(results: pd.DataFrame, path: Path, betas: Mapping[str, float] | None = None) -> Path | None:
+    """Rate (KL) against distortion (reconstruction NLL), both nats per example: the VAE family (vae, beta_vae and
+    the beta sweep) as one curve ordered by beta, each point labelled with its beta; other models as markers."""
+    curve, others = rate_distortion_points(results, betas)
+    if curve.empty and others.empty:
         return None
-    fig = Figure(figsize=(4.6, 3.6))
+    fig = Figure(figsize=(6.2, 3.8))
     ax = fig.add_subplot(1, 1, 1)
-    sweep = rd[rd.index.str.contains("@beta=")].sort_values("rate")
-    if len(sweep):
-        ax.plot(sweep["rate"], sweep["distortion"], "-o", color="0.5", ms=3, lw=1, label="beta_vae sweep")
-        for name, r in sweep.iterrows():
-            ax.annotate(str(name).split("@", 1)[1], (r["rate"], r["distortion"]), fontsize=6, color="0.4",
-                        xytext=(3, 3), textcoords="offset points")
-    for i, (name, r) in enumerate(rd.drop(index=sweep.index).iterrows()):
-        ax.plot(r["rate"], r["distortion"], "o", color=f"C{i % 10}", ms=6, label=name)
-    return _finish(fig, ax, path, "rate: KL(q(z|x) || p(z)) [nats]", "distortion: reconstruction NLL [nats]",
-                   "rate-distortion (test split)", fontsize=7)
+    if len(curve):
+        swept = curve.index.str.contains("@beta=")
+        variants = [v for v in registry() if any(str(n).split("@", 1)[0] == v for n in curve.index)]
+        ax.plot(curve["rate"], curve["distortion"], "-", color="C0", lw=1.2, zorder=1,
+                label=f"{' / '.join(variants)} at each β")
+        if not swept.all():
+            ax.plot(curve.loc[~swept, "rate"], curve.loc[~swept, "distortion"], "o", color="C0", ms=6, zorder=2,
+                    label="the run's variants")
+        if swept.any():  # trained within eval.rd_budget of the steps: marked apart, as the report's note says
+            ax.plot(curve.loc[swept, "rate"], curve.loc[swept, "distortion"], "o", mfc="white", mec="C0", ms=5,
+                    zorder=2, label="β sweep (eval.rd_budget of the steps)")
+        for name, r in curve.iterrows():  # below left of the falling curve: other models, no better than it, sit above
+            text = f"β={r['beta']:g}" + ("" if "@beta=" in str(name) else f" {name}")
+            ax.annotate(text, (r["rate"], r["distortion"]), fontsize=6, color="0.25", xytext=(-4, -4),
+                        textcoords="offset points", ha="right", va="top")
+    for i, (name, r) in enumerate(others.iterrows()):
+        ax.plot(r["rate"], r["distortion"], "sD^vP*"[i % 6], color=f"C{i % 9 + 1}", ms=6, label=name)
+    ax.margins(0.1)  # room for the labels left of the points
+    # zero rate (the posterior collapsed onto the prior) is the end the curve heads to: always in view
+    ax.set_xlim(left=min(ax.get_xlim()[0], 0.0))
+    return _finish(fig, ax, path, "rate: KL(q(z|x) || p(z)) [nats per example]",
+                   "distortion: -log p(x|z) [nats per example]", "rate-distortion (test split)", fontsize=7,
+                   loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # outside: covers no point
 
 
 def plot_kl_per_dim(pictures: Pictures, path: Path) -> Path | None:
@@ -249,8 +296,12 @@ def plot_dci_importance(pictures: Pictures, path: Path) -> Path | None:
     return save_figure(fig, path, dpi=_DPI)
 
 
-def application_plots(pictures: Pictures, results: pd.DataFrame, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Every application figure there is data for, written to `out_dir`; stale ones are removed."""
+def application_plots(
+    pictures: Pictures, results: pd.DataFrame, out_dir: str | os.PathLike[str],
+    betas: Mapping[str, float] | None = None,
+) -> list[Path]:
+    """Every application figure there is data for, written to `out_dir`; stale ones are removed (`betas`: see
+    `rate_distortion_points`)."""
     out_dir = Path(out_dir)
     single: list[tuple[str, Callable[[Path], Path | None]]] = [
         ("reconstructions.png", lambda p: plot_reconstructions(pictures, p)),
@@ -258,7 +309,7 @@ def application_plots(pictures: Pictures, results: pd.DataFrame, out_dir: str | 
         ("interpolations.png", lambda p: plot_interpolations(pictures, p)),
         ("inpainting.png", lambda p: plot_inpainting(pictures, p)),
         ("augmentation.png", lambda p: plot_augmentation(pictures, p)),
-        ("rate_distortion.png", lambda p: plot_rate_distortion(results, p)),
+        ("rate_distortion.png", lambda p: plot_rate_distortion(results, p, betas)),
         ("kl_per_dim.png", lambda p: plot_kl_per_dim(pictures, p)),
         ("anomaly_roc.png", lambda p: plot_anomaly_roc(pictures, p)),
         ("dci_importance.png", lambda p: plot_dci_importance(pictures, p)),

@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ae_repr.checkpoint import load_model
+from ae_repr.checkpoint import DESCRIPTION, load_model
 from ae_repr.config import EvalConfig, TrainConfig
 from ae_repr.errors import UserError
-from ae_repr.io import META_PREFIX, FeatureFile, atomic_path, write_table
+from ae_repr.io import META_PREFIX, FeatureFile, atomic_path, read_json, write_table
 
 from .app_plots import application_plots
 from .applications import (
@@ -306,7 +306,7 @@ def summarize(
     pictures = read_pictures(
         [eval_dir / f"{n}{PICTURES_SUFFIX}" for n in shown if (eval_dir / f"{n}{PICTURES_SUFFIX}").is_file()]
     )
-    plots += application_plots(pictures, headline, out / "plots")
+    plots += application_plots(pictures, headline, out / "plots", betas=model_betas(features_dir, shown))
     plots += [p for n in names for p in sorted((out / "plots" / n).glob("*.png"))]  # each variant's own figures
     warning = bottleneck_warning(facts)
     if warning:
@@ -376,6 +376,28 @@ def run_facts(features_dir: Path, names: list[str]) -> tuple[RunFacts, FeatureFi
     learned_k = [k for k, learned in widths.values() if learned]
     input_dim = widths["raw"][0] if "raw" in widths and not widths["raw"][1] else _input_dim(reference)
     return RunFacts(reference.meta.get("dataset"), learned_k[0] if learned_k else None, input_dim), reference
+
+
+def model_betas(features_dir: Path, names: list[str]) -> dict[str, float]:
+    """{variant: beta} of the feature files `names` whose model has a `beta`, read from the model's own
+    `config.json` (what it was trained with, the run's overrides applied); a seed grid's members share theirs."""
+    betas: dict[str, float] = {}
+    for name in names:
+        path = Path(features_dir) / f"{name}.parquet"
+        try:
+            meta = {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
+        except (OSError, ValueError):  # missing or not Parquet: not a feature file of this run
+            continue
+        rel = meta.get(f"{META_PREFIX}model_dir")
+        if not rel:
+            continue
+        try:
+            beta = read_json(path.parent / rel / DESCRIPTION).get("model_config", {}).get("beta")
+            if beta is not None:
+                betas[meta.get(f"{META_PREFIX}variant", name)] = float(beta)
+        except (OSError, ValueError, TypeError, AttributeError):  # no readable model description: beta unknown
+            continue
+    return betas
 
 
 def _input_dim(ff: FeatureFile) -> int | None:

@@ -185,3 +185,63 @@ def test_tabular_rows_draw_as_labelled_strips(figures, tmp_path):
 def test_seams_grow_with_the_images_but_not_for_strips():
     """A 1-pixel seam vanishes when 64 x 64 tiles are drawn at digit size; a strip's seam stays one pixel."""
     assert variant_plots.seam(8, 8) == 1 and variant_plots.seam(64, 64) == 4 and variant_plots.seam(1, 64) == 1
+
+
+def _rd_results(points: dict[str, tuple[float, float]]) -> pd.DataFrame:
+    """Rate-distortion rows: {representation: (rate, distortion)}."""
+    from evaluation.results import result_frame, result_row
+
+    return result_frame([result_row(name, "rate_distortion", metric, value)
+                         for name, (rate, dist) in points.items()
+                         for metric, value in (("rate", rate), ("distortion", dist), ("active_units", 4.0))])
+
+
+# the demo run's numbers, but beta 0.5 at a lower rate than vae (a sweep model gets half the steps): ordered by
+# rate, the curve would visit vae before beta 0.5
+RD = {"beta_vae@beta=0.5": (16.0, 68.4), "vae": (17.1, 68.4), "beta_vae": (11.7, 73.4),
+      "beta_vae@beta=3": (3.8, 91.2), "beta_vae@beta=6": (1.7, 100.6), "hier_vae": (12.5, 74.3)}
+
+
+def test_rate_distortion_curve_runs_through_the_vae_family_in_beta_order(figures, tmp_path):
+    """vae (beta 1) and beta_vae (its configured beta) are the sweep's model: one curve through all five points,
+    ordered by beta and labelled with it; hier_vae is a marker of its own; the legend covers no point or label."""
+    betas = {"vae": 1.0, "beta_vae": 1.5, "hier_vae": 1.0}  # hier_vae has a beta too, but is another model
+    app_plots.plot_rate_distortion(_rd_results(RD), tmp_path / "rd.png", betas)
+    (ax,) = figures[0].axes
+    curves = [line for line in ax.get_lines() if len(line.get_xdata()) > 1 and line.get_linestyle() != "None"]
+    assert len(curves) == 1
+    order = ["beta_vae@beta=0.5", "vae", "beta_vae", "beta_vae@beta=3", "beta_vae@beta=6"]
+    np.testing.assert_allclose(curves[0].get_xydata(), [RD[n] for n in order])
+    assert [t.get_text() for t in ax.texts] == ["β=0.5", "β=1 vae", "β=1.5 beta_vae", "β=3", "β=6"]
+    (hier,) = [line for line in ax.get_lines() if line.get_label() == "hier_vae"]
+    np.testing.assert_allclose(hier.get_xydata(), [RD["hier_vae"]])
+    assert "nats" in ax.get_xlabel() and "nats" in ax.get_ylabel() and ax.get_xlim()[0] <= 0.0
+    legend = ax.get_legend().get_window_extent()
+    points = ax.transData.transform([RD[n] for n in RD])
+    assert not any(legend.contains(x, y) for x, y in points)
+    assert not any(legend.overlaps(t.get_window_extent()) for t in ax.texts)
+
+
+def test_rate_distortion_family_member_of_unknown_beta_is_not_on_the_curve():
+    """Without its beta, beta_vae has no place on the curve: it is drawn apart, not guessed."""
+    curve, others = app_plots.rate_distortion_points(_rd_results(RD), {"vae": 1.0})
+    assert list(curve.index) == ["beta_vae@beta=0.5", "vae", "beta_vae@beta=3", "beta_vae@beta=6"]
+    assert list(curve["beta"]) == [0.5, 1.0, 3.0, 6.0]
+    assert sorted(others.index) == ["beta_vae", "hier_vae"]
+
+
+def test_model_betas_are_read_from_each_models_own_config(synth: Synth, tmp_path):
+    """The beta a variant was trained with (its model's config.json), keyed by variant; a seed grid's member
+    speaks for its variant; models without a beta and files without a model give none."""
+    from ae_repr.io import write_json
+    from evaluation.pipeline import model_betas
+
+    features = tmp_path / "features"
+    z = np.zeros((len(synth.y), 2), np.float32)
+    for name, variant, cfg in (("beta_vae", "beta_vae", {"beta": 1.5}), ("vae@seed=0", "vae", {"beta": 1.0}),
+                               ("ae", "ae", {"latent_dim": 2})):
+        write_json(tmp_path / "models" / name / "config.json", {"variant": variant, "model_config": cfg})
+        write_ff(features / f"{name}.parquet", synth, z, variant=variant, model_dir=f"../models/{name}")
+    write_ff(features / "pca.parquet", synth, z)
+    names = ["beta_vae", "vae@seed=0", "ae", "pca", "missing"]
+    assert model_betas(features, names) == {"beta_vae": 1.5, "vae": 1.0}
