@@ -5,6 +5,11 @@ set is never compared with, or made the champion of, another's; each name has it
 which the first version registered gets. A model whose weights are already a version of its name (the
 training was served from the cache, or retraining reproduced the same weights) registers nothing: its run
 is tagged with that version instead.
+
+Two runs that register the same weights at the same moment both pass the "already registered?" check; without a
+lock of our own, each settles it after registering: the lowest version with those weights is the one, and a run
+whose new version is higher deletes it. Version numbers are assigned in one store transaction, so both runs see
+the same lowest version and end tagged with it; the `champion` alias, when missing, goes to the lowest version.
 """
 
 from __future__ import annotations
@@ -72,6 +77,38 @@ def version_with_weights(client: Any, name: str, weights: str) -> Any | None:
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
+def ensure_champion(client: Any, name: str) -> None:
+    """Give the `champion` alias of `name` to its lowest (first registered) version when no version holds it."""
+    if CHAMPION in client.get_registered_model(name).aliases:
+        return
+    # the lowest version, not our own: two first registrations at once must both point the alias at one version
+    (first,) = client.search_model_versions(f"name = '{name}'", max_results=1, order_by=["version_number ASC"])
+    client.set_registered_model_alias(name, CHAMPION, str(first.version))
+
+
+def settle_duplicate(client: Any, name: str, version: str, weights: str) -> str:
+    """The version of `name` that weights `weights` belong to, right after we registered them as `version`:
+    a lower version with the same weights (another run registered them at the same moment) wins, and ours is
+    deleted, so each weights checksum stays one version."""
+    first = version_with_weights(client, name, weights)
+    if first is None or int(first.version) >= int(version):
+        return str(version)
+    client.delete_model_version(name, str(version))
+    log.info("MLflow: %s version %s deleted: version %s, registered at the same moment, has the same weights",
+             name, version, first.version)
+    return str(first.version)
+
+
+def _tag_unchanged(client: Any, run_id: str, name: str, version: str, weights: str) -> None:
+    """Tag a run whose weights were already version `version` of `name`, and say so."""
+    client.set_tag(run_id, REGISTERED_MODEL_TAG, name)
+    client.set_tag(run_id, MODEL_VERSION_TAG, version)
+    client.set_tag(run_id, REGISTRY_TAG, UNCHANGED)
+    ensure_champion(client, name)  # its first registration may have been cut short by a kill
+    log.info("MLflow: %s unchanged since version %s (same weights, sha256 %s): nothing registered", name,
+             version, weights[:12])
+
+
 def log_encoder(client: Any, run_id: str, variant: str, model_dir: Path, example: np.ndarray,
                 info: dict[str, Any], *, register: bool, seed: int | None = None) -> None:
     """Log the variant's encoder (raw inputs -> representation) to a run and register it when `register` (a seed
@@ -84,13 +121,7 @@ def log_encoder(client: Any, run_id: str, variant: str, model_dir: Path, example
     name = registered_name(variant, str(info.get("dataset")))
     weights = weights_checksum(model_dir)
     if register and (same := version_with_weights(client, name, weights)) is not None:
-        client.set_tag(run_id, REGISTERED_MODEL_TAG, name)
-        client.set_tag(run_id, MODEL_VERSION_TAG, str(same.version))
-        client.set_tag(run_id, REGISTRY_TAG, UNCHANGED)
-        if CHAMPION not in client.get_registered_model(name).aliases:  # its registration was cut short by a kill
-            client.set_registered_model_alias(name, CHAMPION, str(same.version))
-        log.info("MLflow: %s unchanged since version %s (same weights, sha256 %s): nothing registered", name,
-                 same.version, weights[:12])
+        _tag_unchanged(client, run_id, name, str(same.version), weights)
         return
     import mlflow
     import torch
@@ -115,7 +146,10 @@ def log_encoder(client: Any, run_id: str, variant: str, model_dir: Path, example
         # the version is created with its identity (the weights checksum above all) in one store call: a process
         # killed right after registering leaves a version a rerun recognises, never an anonymous duplicate
         tags = {**identity, **({"seed": str(seed)} if seed is not None else {})}
-        version = mlflow.register_model(model.model_uri, name, tags=tags).version
+        version = str(mlflow.register_model(model.model_uri, name, tags=tags).version)
+        if (kept := settle_duplicate(client, name, version, weights)) != version:
+            _tag_unchanged(client, run_id, name, kept, weights)
+            return
         registered = client.get_registered_model(name)
         if "dataset" not in registered.tags:
             client.set_registered_model_tag(name, "dataset", identity.get("dataset", ""))
@@ -123,8 +157,7 @@ def log_encoder(client: Any, run_id: str, variant: str, model_dir: Path, example
             client.update_registered_model(name, description=f"{variant} encoder trained on "
                                                              f"{identity.get('dataset', '?')}: raw rows in, "
                                                              "representation out")
-        if CHAMPION not in registered.aliases:
-            client.set_registered_model_alias(name, CHAMPION, str(version))
+        ensure_champion(client, name)
         client.set_tag(run_id, REGISTERED_MODEL_TAG, name)
-        client.set_tag(run_id, MODEL_VERSION_TAG, str(version))
+        client.set_tag(run_id, MODEL_VERSION_TAG, version)
         client.set_tag(run_id, REGISTRY_TAG, REGISTERED)

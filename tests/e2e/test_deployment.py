@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -285,3 +286,217 @@ def test_worker_killed_mid_run_then_rerun_completes_from_cache(deployed: Service
         load_model(out / "models" / v)
     s = pd.read_parquet(out / "summary.parquet")
     assert set(s.loc[(s["task"] == "linear_probe") & (s["metric"] == "accuracy"), "representation"]) == {*VARIANTS, "pca"}
+
+
+def _process_table() -> dict[int, tuple[int, int, int]]:
+    """Every live (non-zombie) process: pid -> (parent pid, process group, start time in clock ticks)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ... starttime (20th)
+        if fields[0] != "Z":
+            out[int(d.name)] = (int(fields[1]), int(fields[2]), int(fields[19]))
+    return out
+
+
+def _tree(groups: set[int]) -> set[tuple[int, int]]:
+    """(pid, start time) of every process in `groups` and of every descendant of those, whatever its group."""
+    table = _process_table()
+    found = {pid for pid, (_, pgid, _) in table.items() if pgid in groups}
+    while more := {pid for pid, (ppid, _, _) in table.items() if ppid in found} - found:
+        found |= more
+    return {(pid, table[pid][2]) for pid in found}
+
+
+def _pss_mb(groups: set[int]) -> float:
+    """Proportional memory (PSS: shared pages split among their users, so torch's libraries count once) of every
+    process in `groups` and their descendants, summed, in MB."""
+    total = 0
+    for pid, _ in _tree(groups):
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        found = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
+        total += int(found.group(1)) * 1024 if found else 0
+    return total / 1e6
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status == 200
+
+
+@pytest.mark.scenario  # several runs at once / a kill mid-run: `make test-scenarios`
+@pytest.mark.timeout(900)
+def test_three_runs_at_once_against_make_services_lose_nothing(tmp_path: Path):
+    """`services.py start` (state in tmp, never the project's .services/), then three `ae-repr run` at once with
+    PREFECT_API_URL and MLFLOW_TRACKING_URI on its servers: every run, metric and artifact of each folder's summary
+    is in MLflow, each weights checksum is one registered version, the three flow runs are Completed in that Prefect
+    server, both servers still answer, and `services.py stop` ends exactly the processes it started."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from flows.tracking import models
+
+    started = time.monotonic()
+    project_state = ROOT / ".services" / svc.STATE_FILE
+    before = project_state.stat().st_mtime_ns if project_state.exists() else None
+    state = tmp_path / "services"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(svc.QUIET, PREFECT_HOME=str(tmp_path / "client"), PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    bystander = subprocess.Popen(["sleep", "600"], start_new_session=True)  # not ours to stop: must outlive `stop`
+    groups: set[int] = set()
+    runs: dict[str, subprocess.Popen] = {}
+    peak, sampling = [0.0], threading.Event()
+
+    def sample() -> None:  # the whole setup's memory: servers, worker, and the three runs with their children
+        while not sampling.wait(0.5):
+            peak[0] = max(peak[0], _pss_mb(groups | {p.pid for p in runs.values()}))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    try:
+        res = _services(state, env, "start", "--prefect-port", str(svc.free_port()),
+                        "--mlflow-port", str(svc.free_port()))
+        recorded = json.loads((state / svc.STATE_FILE).read_text()) if (state / svc.STATE_FILE).is_file() else {}
+        groups |= {e["pgid"] for e in recorded.values()}
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert set(recorded) == {"prefect-server", "mlflow-server", "worker"}
+        # its data live in the state folder given: the Prefect server's home, the MLflow store and artifacts
+        assert (state / "prefect").is_dir() and (state / "mlflow" / "mlflow.db").is_file()
+        urls = {"prefect": recorded["prefect-server"]["url"], "mlflow": recorded["mlflow-server"]["url"]}
+        run_env = {**env, **svc.exports(recorded)}
+        assert run_env["PREFECT_API_URL"] == urls["prefect"] + "/api"
+
+        outs = {}
+        for name, seed in (("a", 0), ("b", 0), ("c", 1)):  # a and b train the same weights: both register them
+            (tmp_path / name).mkdir()
+            cfg = yaml.safe_load(_config(tmp_path / name / "run.yaml", epochs=1).read_text())
+            cfg["seed"] = seed
+            cfg["models"]["variants"] = list(VARIANTS)
+            cfg["tracking"].update(experiment="services-three-runs", log_plots=True)
+            cfg["eval"]["applications"] = ["generation"]
+            (tmp_path / name / "run.yaml").write_text(yaml.safe_dump(cfg))
+            outs[name] = tmp_path / name / "out"
+            runs[name] = subprocess.Popen(
+                [str(BIN / "ae-repr"), "run", "--config", str(tmp_path / name / "run.yaml"), "--out", str(outs[name])],
+                env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path / name,
+                start_new_session=True)
+        sampler.start()
+        services_up = time.monotonic()
+        logs = {name: proc.communicate(timeout=600)[0] for name, proc in runs.items()}
+        for name, proc in runs.items():
+            assert proc.returncode == 0, logs[name][-3000:]
+        sampling.set()
+        runs_done = time.monotonic()
+
+        # both servers answer after the three runs
+        assert _answers(urls["prefect"] + "/api/health") and _answers(urls["mlflow"] + "/health")
+
+        # the three flow runs are Completed in the services' Prefect server (not in a temporary API of their own)
+        from prefect.client.orchestration import SyncPrefectClient
+
+        with SyncPrefectClient(run_env["PREFECT_API_URL"]) as client:
+            for name, out in outs.items():
+                flow_run = client.read_flow_run(json.loads((out / "flow_run.json").read_text())["id"])
+                assert flow_run.state_name == "Completed", (name, flow_run.state)
+
+        # MLflow holds every run, number and file of each run folder
+        ml = MlflowClient(urls["mlflow"], registry_uri=urls["mlflow"])
+        exp = ml.get_experiment_by_name("services-three-runs")
+        parents = ml.search_runs([exp.experiment_id], "tags.`ae_repr.run_kind` = 'parent'")
+        assert len(parents) == 3 and all(p.info.status == "FINISHED" for p in parents)
+        for name, out in outs.items():
+            parent = ml.get_run(json.loads((out / "tracking.json").read_text())["parent_run_id"])
+            assert parent.info.status == "FINISHED", (name, parent.info.status)
+            _same_files(ml, parent.info.run_id, {p.name: p for p in (out / "config.json", out / "summary.parquet",
+                                                                      out / "verdict.md", out / "report.md")},
+                        {f"plots/{p.name}": p for p in (out / "plots").glob("*.png")})
+            summary = pd.read_parquet(out / "summary.parquet")
+            children = {r.data.tags["representation"]: r for r in ml.search_runs(
+                [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+            probed = set(summary.loc[summary["task"] == "linear_probe", "representation"])
+            assert set(children) == probed, (name, sorted(children), sorted(probed))
+            for rep, run in children.items():
+                assert run.info.status == "FINISHED", (name, rep, run.info.status)
+                _same_numbers(summary[summary["representation"] == rep], run.data.metrics, (name, rep))
+                if rep not in VARIANTS:
+                    continue
+                model_dir = out / "models" / rep
+                history = json.loads((model_dir / "history.json").read_text())
+                assert len(ml.get_metric_history(run.info.run_id, "train/loss")) == len(history) == 1, (name, rep)
+                _same_files(ml, run.info.run_id, {"history.json": model_dir / "history.json"},
+                            {f"features/{rep}.parquet": out / "features" / f"{rep}.parquet",
+                             "model/config.json": model_dir / "config.json",
+                             **{f"plots/{p.name}": p for p in (out / "plots" / rep).glob("*.png")}})
+                tags = run.data.tags
+                version = ml.get_model_version(tags[models.REGISTERED_MODEL_TAG], tags[models.MODEL_VERSION_TAG])
+                assert version.tags[models.WEIGHTS_TAG] == models.weights_checksum(model_dir), (name, rep)
+        versions: dict[str, int] = {}
+        for v in VARIANTS:  # weights trained by two runs side by side (a and b, same seed) are one version
+            registered = models.registered_name(v, "digits")
+            sums = [mv.tags[models.WEIGHTS_TAG] for mv in ml.search_model_versions(f"name = '{registered}'")]
+            trained = {models.weights_checksum(out / "models" / v) for out in outs.values()}
+            assert sorted(sums) == sorted(trained), (registered, sums, trained)
+            versions[v] = len(sums)
+            assert models.CHAMPION in ml.get_registered_model(registered).aliases
+
+        # `stop` ends every process it started (servers' children included) and nothing else
+        ours = _tree(groups)
+        assert len(ours) > len(groups), ours  # the servers' children (uvicorn, MLflow's job runners) are in it
+        stop = _services(state, env, "stop", "--grace", "5")
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        table = _process_table()
+        left = sorted(pid for pid, start in ours if pid in table and table[pid][2] == start)
+        assert not left, f"processes left after `services.py stop`: {left}"
+        assert bystander.poll() is None, "`services.py stop` ended a process it did not start"
+        assert not (state / svc.STATE_FILE).exists()
+        after = project_state.stat().st_mtime_ns if project_state.exists() else None
+        assert after == before, "the test touched the project's .services/"
+        print(f"three runs against services.py: services up in {services_up - started:.1f}s, runs "
+              f"{runs_done - services_up:.1f}s, {time.monotonic() - started:.1f}s in all; peak PSS {peak[0]:.0f} MB "
+              f"(servers, worker and runs); registered versions {versions}")
+    finally:
+        sampling.set()
+        for proc in runs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        if (state / svc.STATE_FILE).exists():
+            _services(state, env, "stop", "--grace", "5")
+        for g in groups:
+            if svc.group_members(g):
+                os.killpg(g, signal.SIGKILL)
+        bystander.kill()
+        bystander.wait()
+
+
+def _same_numbers(rows: pd.DataFrame, metrics: dict[str, float], where: object) -> None:
+    """Every finite summary number of one representation is its run's `eval/<task>_<metric>[_k<k>]`, with its
+    interval as `/ci_low` and `/ci_high`."""
+    for r in rows.itertuples(index=False):
+        if pd.isna(r.value) or not np.isfinite(r.value):
+            continue
+        key = f"eval/{r.task}_{r.metric}" + ("" if pd.isna(r.k) else f"_k{int(r.k)}")
+        assert metrics.get(key) == pytest.approx(r.value, rel=1e-6), (where, key)
+        if not pd.isna(r.ci_low) and not pd.isna(r.ci_high):
+            assert metrics.get(f"{key}/ci_low") == pytest.approx(r.ci_low, rel=1e-6), (where, key)
+            assert metrics.get(f"{key}/ci_high") == pytest.approx(r.ci_high, rel=1e-6), (where, key)
+
+
+def _same_files(ml: Any, run_id: str, top: dict[str, Path], nested: dict[str, Path]) -> None:
+    """The run's artifacts include each local file (at the run's top level, or `folder/name`), byte for byte in
+    size."""
+    sizes = {a.path: a.file_size for a in ml.list_artifacts(run_id) if not a.is_dir}
+    for folder in {p.split("/")[0] for p in nested}:
+        sizes |= {a.path: a.file_size for a in ml.list_artifacts(run_id, folder) if not a.is_dir}
+    for path, local in {**top, **nested}.items():
+        assert local.is_file(), local
+        assert sizes.get(path) == local.stat().st_size, (run_id, path, sizes.get(path), local.stat().st_size)

@@ -268,3 +268,93 @@ def test_three_runs_at_once_into_one_server_lose_nothing_and_mark_a_diverged_var
         assert "report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
         if failed:
             assert parent.data.tags.get("failed") == "vae", parent.data.tags
+
+
+def _tiny_model(model_dir: Path, seed: int) -> Path:
+    """A saved, untrained 4 -> 2 autoencoder whose weights depend on `seed` alone."""
+    import numpy as np
+
+    from ae_repr.checkpoint import save_model
+    from ae_repr.data.dataset import Normalizer
+    from ae_repr.models import build_model, model_config
+
+    model = build_model("ae", model_config("ae", latent_dim=2, hidden=(4,)), (4,), "gaussian", seed=seed)
+    return save_model(model_dir, model, variant="ae", normalizer=Normalizer(np.zeros(4), np.ones(4), "standard"))
+
+
+def test_two_runs_registering_the_same_weights_at_once_agree_on_one_version(mlflow_server, tmp_path, monkeypatch):
+    """Two runs log and register identical weights at the same instant (both pass the "already registered?" check
+    before either registers): each round leaves one version per weights checksum, both runs tagged with it, one
+    `registered` and one `unchanged`, and the champion alias on it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from flows.tracking import models
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)  # log_model and register_model resolve the process-wide URI
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    exp = client.create_experiment("registration-race")
+    # both racers are held after their "already registered?" check and just before registering, so they truly
+    # overlap; a process logs its models from one writer thread, so each racer's log_model (not thread-safe in
+    # torch's exporter) takes a lock, as one process at a time would
+    at_register, one_export = threading.Barrier(2, timeout=60), threading.Lock()
+    register, log_model = mlflow.register_model, mlflow.pytorch.log_model
+
+    def register_together(*args, **kwargs):
+        at_register.wait()
+        return register(*args, **kwargs)
+
+    def log_alone(*args, **kwargs):
+        with one_export:
+            return log_model(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "register_model", register_together)
+    monkeypatch.setattr(mlflow.pytorch, "log_model", log_alone)
+    example = np.zeros((2, 4), dtype=np.float32)
+    for round_ in range(3):
+        model_dir = _tiny_model(tmp_path / f"model-{round_}", seed=round_)
+        info = {"dataset": f"race-{round_}", "sha256": f"{round_:064d}"}
+        runs = [client.create_run(exp, run_name=f"racer-{round_}-{i}").info.run_id for i in range(2)]
+        with ThreadPoolExecutor(2) as pool:
+            racers = [pool.submit(models.log_encoder, client, r, "ae", model_dir, example, info, register=True)
+                      for r in runs]
+            for racer in racers:
+                racer.result(timeout=120)  # a racer's error fails the test here
+        name, weights = models.registered_name("ae", info["dataset"]), models.weights_checksum(model_dir)
+        versions = client.search_model_versions(f"name = '{name}' and tags.`{models.WEIGHTS_TAG}` = '{weights}'")
+        assert len(versions) == 1, f"round {round_}: versions {[v.version for v in versions]} hold the same weights"
+        (version,) = versions
+        tags = [client.get_run(r).data.tags for r in runs]
+        assert {t[models.MODEL_VERSION_TAG] for t in tags} == {str(version.version)}, tags
+        assert sorted(t[models.REGISTRY_TAG] for t in tags) == [models.REGISTERED, models.UNCHANGED], tags
+        assert client.get_registered_model(name).aliases == {models.CHAMPION: str(version.version)}
+
+
+def test_a_missing_champion_alias_goes_to_the_first_version_not_the_newest(mlflow_server, tmp_path, monkeypatch):
+    """A first registration cut short before its alias, then a run with other weights: the alias goes to version 1
+    (the rule every racer applies, so two first registrations at once cannot leave it on either)."""
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from flows.tracking import models
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    exp = client.create_experiment("champion-gap")
+    name, info = models.registered_name("ae", "champion-gap"), {"dataset": "champion-gap", "sha256": "0" * 64}
+    for seed in (10, 11):
+        run_id = client.create_run(exp).info.run_id
+        models.log_encoder(client, run_id, "ae", _tiny_model(tmp_path / f"m{seed}", seed), np.zeros((2, 4), np.float32),
+                           info, register=True)
+        if seed == 10:
+            client.delete_registered_model_alias(name, models.CHAMPION)  # as if killed before setting it
+    assert [v.version for v in client.search_model_versions(f"name = '{name}'", order_by=["version_number ASC"])] \
+        == ["1", "2"]
+    assert client.get_registered_model(name).aliases == {models.CHAMPION: "1"}
