@@ -2,8 +2,9 @@
 on free loopback ports, state in a temporary folder), `prefect --no-prompt deploy --all` from the
 checkout, then `prefect deployment run pretrain-and-probe/local --watch`.
 
-Every process is started in its own process group and stopped by PID, also when a test fails; the
-fixture's finalizer checks that none of them is left.
+The services, the deployment and the tracked run are the session's (tests/e2e/conftest.py), shared with the
+MLflow tests. Every process is started in its own process group and stopped by PID, also when a test fails;
+the session fixture's finalizer checks that none of them is left.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,67 +22,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-SCRIPT = ROOT / "scripts" / "services.py"
-VARIANTS = ("ae", "vae")
+from e2e_stack import BIN, ROOT, VARIANTS, Services, TrackedRun, flow_run_id, run_config, services_cli, svc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import services as svc  # noqa: E402  (scripts/ is not a package)
-
-
-@dataclass(frozen=True)
-class Services:
-    """The running services and the environment a client process needs."""
-
-    state: Path
-    env: dict[str, str]
-    recorded: dict[str, Any]
-    groups: set[int]  # every process group started for the tests, stopped (and checked) at the end
-
-    def prefect(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        """Run the prefect CLI from the checkout root against the test server."""
-        return subprocess.run([str(BIN / "prefect"), *args], cwd=ROOT, env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
-
-
-def _services(state: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args, "--state-dir", str(state)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def services(tmp_path_factory) -> Iterator[Services]:
-    """Prefect server + MLflow server + local-cpu worker; every process group stopped afterwards."""
-    state = tmp_path_factory.mktemp("services")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(svc.QUIET, PREFECT_HOME=str(state / "client"), PYTHONUNBUFFERED="1",
-               PREFECT_WORKER_QUERY_SECONDS="2")  # the worker polls every 2 s instead of 10
-    groups: set[int] = set()
-    try:
-        res = _services(state, env, "start", "--prefect-port", str(svc.free_port()),
-                        "--mlflow-port", str(svc.free_port()))
-        recorded = json.loads((state / svc.STATE_FILE).read_text()) if (state / svc.STATE_FILE).is_file() else {}
-        groups |= {e["pgid"] for e in recorded.values()}
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert set(recorded) == {"prefect-server", "mlflow-server", "worker"}
-        for entry in recorded.values():
-            assert entry.get("url", "http://127.0.0.1:").startswith("http://127.0.0.1:")  # loopback only
-        exports = dict(re.findall(r"^export (\w+)=(\S+)$", res.stdout, re.M))
-        assert exports == svc.exports(recorded)
-        yield Services(state, {**env, **exports, "COLUMNS": "200"}, recorded, groups)
-    finally:
-        # MLflow's job runners outlived SIGTERM for the whole default 20 s grace: the test waits 5 s
-        stop = _services(state, env, "stop", "--grace", "5")
-        print(stop.stdout)  # how long each group took to stop (shown with -s)
-        left = {g: svc.group_members(g) for g in groups if svc.group_members(g)}
-        for g in left:
-            os.killpg(g, signal.SIGKILL)
-        assert stop.returncode == 0, stop.stdout + stop.stderr
-        assert not left, f"process groups left running after `services.py stop`: {left}"
 
 
 def _listening(port: int) -> str:
@@ -96,31 +36,6 @@ def _listening(port: int) -> str:
             if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
                 return addr
     return ""
-
-
-@pytest.fixture(scope="module")
-def deployed(services: Services) -> Services:
-    """`prefect --no-prompt deploy --all` from the checkout root."""
-    res = services.prefect("--no-prompt", "deploy", "--all")
-    assert res.returncode == 0, res.stdout + res.stderr
-    return services
-
-
-def _config(path: Path, tracking: bool = True, finetune: bool = False, **train: Any) -> Path:
-    """configs/quick.yaml with a smaller evaluation and tracking on (to the test's MLflow server) or off."""
-    d = yaml.safe_load((ROOT / "configs" / "quick.yaml").read_text())
-    d.setdefault("train", {}).update(train)
-    d.setdefault("eval", {}).update({"baselines": ["pca"], "knn_k": [5],
-                                     "fewshot_k": [5], "fewshot_finetune": finetune})
-    d["tracking"] = {"enabled": tracking, "log_plots": False}
-    path.write_text(yaml.safe_dump(d))
-    return path
-
-
-def _run_id(output: str) -> str:
-    found = re.search(r"UUID:\s*([0-9a-f-]{36})", output)
-    assert found, output
-    return found.group(1)
 
 
 def _api(services: Services) -> Any:
@@ -161,16 +76,9 @@ def test_deploy_from_the_checkout_and_schedule(deployed: Services):
         assert all(r.state_name == "Scheduled" and r.expected_start_time.weekday() == 6 for r in runs)
 
 
-def test_deployment_run_completes(deployed: Services, tmp_path: Path):
-    out = tmp_path / "out"
-    cfg = _config(tmp_path / "e2e.yaml", epochs=1)
-    started = time.monotonic()
-    res = deployed.prefect("deployment", "run", "pretrain-and-probe/local", "--param", f"config={cfg}",
-                           "--param", "variants=" + ",".join(VARIANTS), "--param", "epochs=1",
-                           "--param", f"out={out}", "--watch", timeout=420)
-    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
-    assert "Completed" in res.stdout
-    flow_run_id = _run_id(res.stdout)
+def test_deployment_run_completes(tracked_run: TrackedRun):
+    out, run_id, deployed = tracked_run.out, tracked_run.flow_run_id, tracked_run.services
+    assert "Completed" in tracked_run.stdout
     for rel in ("config.json", "summary.parquet", "report.md",
                 *(f"models/{v}/model.pt" for v in VARIANTS), *(f"features/{v}.parquet" for v in (*VARIANTS, "pca"))):
         assert (out / rel).is_file(), rel
@@ -182,7 +90,7 @@ def test_deployment_run_completes(deployed: Services, tmp_path: Path):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with _api(deployed) as client:
-        run = client.read_flow_run(flow_run_id)
+        run = client.read_flow_run(run_id)
         assert run.state_name == "Completed" and run.parameters["epochs"] == 1
         arts = {a.key: a for a in client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))}
@@ -194,12 +102,11 @@ def test_deployment_run_completes(deployed: Services, tmp_path: Path):
 
     ml = MlflowClient(mlflow_url, registry_uri=mlflow_url)
     exp = ml.get_experiment_by_name("pretrain-and-probe")
-    (parent,) = ml.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    (parent,) = ml.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{run_id}'")
     children = ml.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
                                                    "tags.`ae_repr.run_kind` = 'variant'")  # not the baselines' runs
     assert sorted(c.data.tags["variant"] for c in children) == sorted(VARIANTS)
     assert all(c.info.status == "FINISHED" for c in children)
-    print(f"deployment run took {time.monotonic() - started:.1f}s")
 
 
 def _wait(what: str, check, timeout: float) -> Any:
@@ -218,11 +125,11 @@ def test_worker_killed_mid_run_then_rerun_completes_from_cache(deployed: Service
     from ae_repr.checkpoint import load_model
 
     out = tmp_path / "out"
-    params = ["--param", f"config={_config(tmp_path / 'crash.yaml', tracking=True, finetune=True, epochs=1)}",
+    params = ["--param", f"config={run_config(tmp_path / 'crash.yaml', tracking=True, finetune=True, epochs=1)}",
               "--param", "variants=" + ",".join(VARIANTS), "--param", f"out={out}"]
     res = deployed.prefect("deployment", "run", "pretrain-and-probe/local", *params)
     assert res.returncode == 0, res.stdout + res.stderr
-    crashed_id = _run_id(res.stdout)
+    crashed_id = flow_run_id(res.stdout)
 
     # kill once every variant is trained and extracted, while the flow run is still evaluating
     _wait("features of every variant", lambda: all((out / "features" / f"{v}.parquet").is_file() for v in VARIANTS),
@@ -238,13 +145,13 @@ def test_worker_killed_mid_run_then_rerun_completes_from_cache(deployed: Service
     _wait("the killed processes to exit", lambda: not svc.group_members(worker) and not svc.group_members(flow_pid), 30)
 
     # a fresh worker (services.py starts only what is not running), then the same deployment again
-    restarted = _services(deployed.state, deployed.env, "start")
+    restarted = services_cli(deployed.state, deployed.env, "start")
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     assert "worker          started" in restarted.stdout and "prefect-server  already running" in restarted.stdout
     deployed.groups.add(json.loads((deployed.state / svc.STATE_FILE).read_text())["worker"]["pgid"])
     res = deployed.prefect("deployment", "run", "pretrain-and-probe/local", *params, "--watch", timeout=420)
     assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
-    rerun_id = _run_id(res.stdout)
+    rerun_id = flow_run_id(res.stdout)
 
     with _api(deployed) as client:
         def final_states() -> dict[str, str] | None:
@@ -364,7 +271,7 @@ def test_three_runs_at_once_against_make_services_lose_nothing(tmp_path: Path):
 
     sampler = threading.Thread(target=sample, daemon=True)
     try:
-        res = _services(state, env, "start", "--prefect-port", str(svc.free_port()),
+        res = services_cli(state, env, "start", "--prefect-port", str(svc.free_port()),
                         "--mlflow-port", str(svc.free_port()))
         recorded = json.loads((state / svc.STATE_FILE).read_text()) if (state / svc.STATE_FILE).is_file() else {}
         groups |= {e["pgid"] for e in recorded.values()}
@@ -379,7 +286,7 @@ def test_three_runs_at_once_against_make_services_lose_nothing(tmp_path: Path):
         outs = {}
         for name, seed in (("a", 0), ("b", 0), ("c", 1)):  # a and b train the same weights: both register them
             (tmp_path / name).mkdir()
-            cfg = yaml.safe_load(_config(tmp_path / name / "run.yaml", epochs=1).read_text())
+            cfg = yaml.safe_load(run_config(tmp_path / name / "run.yaml", epochs=1).read_text())
             cfg["seed"] = seed
             cfg["models"]["variants"] = list(VARIANTS)
             cfg["tracking"].update(experiment="services-three-runs", log_plots=True)
@@ -452,7 +359,7 @@ def test_three_runs_at_once_against_make_services_lose_nothing(tmp_path: Path):
         # `stop` ends every process it started (servers' children included) and nothing else
         ours = _tree(groups)
         assert len(ours) > len(groups), ours  # the servers' children (uvicorn, MLflow's job runners) are in it
-        stop = _services(state, env, "stop", "--grace", "5")
+        stop = services_cli(state, env, "stop", "--grace", "5")
         assert stop.returncode == 0, stop.stdout + stop.stderr
         table = _process_table()
         left = sorted(pid for pid, start in ours if pid in table and table[pid][2] == start)
@@ -470,7 +377,7 @@ def test_three_runs_at_once_against_make_services_lose_nothing(tmp_path: Path):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         if (state / svc.STATE_FILE).exists():
-            _services(state, env, "stop", "--grace", "5")
+            services_cli(state, env, "stop", "--grace", "5")
         for g in groups:
             if svc.group_members(g):
                 os.killpg(g, signal.SIGKILL)

@@ -1,8 +1,9 @@
-"""End to end: `ae-repr run` against a real `mlflow server`, checked with MlflowClient and in the UI (headless Chromium).
+"""End to end against a real `mlflow server`, checked with MlflowClient and in the UI (headless Chromium).
 
-The server runs on a free loopback port with an SQLite backend and an artifact folder in tmp, in its own
-process group (it spawns a uvicorn child), which is stopped as a whole. A closed port must fail a run
-fast, before any training.
+The server is the session's (scripts/services.py, tests/e2e/conftest.py): SQLite backend and artifacts in
+tmp, on a free loopback port, stopped by process group. The tracked run is the session's deployment run of
+`pretrain-and-probe` (real Prefect server and worker); `ae-repr run` itself writes into it in the
+concurrent-runs scenario. A closed port must fail a run fast, before any training.
 """
 
 from __future__ import annotations
@@ -11,28 +12,18 @@ import html
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from e2e_stack import BIN, ROOT, VARIANTS, TrackedRun, svc
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 CHROMIUM = Path("/usr/bin/chromium")
-VARIANTS = ("ae", "vae")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -42,61 +33,6 @@ def _env(**extra: str) -> dict[str, str]:
     env.pop("PREFECT_API_URL", None)  # in-process run: an ephemeral Prefect API
     env.update(extra)
     return env
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop the process group started with `proc` (and only it): TERM, then KILL after 15 s."""
-    pgid = proc.pid  # start_new_session=True: the leader's pid is the group id
-    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        if not _group_alive(pgid):
-            break
-        os.killpg(pgid, sig)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and _group_alive(pgid):
-            proc.poll()  # reap the leader, so an exited group reads as gone
-            time.sleep(0.2)
-    proc.wait(timeout=5)
-    assert not _group_alive(pgid), "mlflow server processes outlived the test"
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """URL of a fresh `mlflow server` on 127.0.0.1."""
-    import requests
-
-    tmp = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"mlflow server exited: {(tmp / 'server.log').read_text()[-2000:]}"
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "mlflow server did not answer /health within 120 s"
-            time.sleep(0.5)
-        yield url
-    finally:
-        _stop_group(proc)
-        log.close()
 
 
 def _config(tmp: Path) -> Path:
@@ -111,27 +47,16 @@ def _config(tmp: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tracked_run(mlflow_server, tmp_path_factory):
-    """(server URL, run directory) after `ae-repr run` against the server."""
-    tmp = tmp_path_factory.mktemp("e2e_run")
-    out = tmp / "out"
-    proc = subprocess.run([str(BIN / "ae-repr"), "run", "--config", str(_config(tmp)), "--out", str(out)],
-                          env=_env(MLFLOW_TRACKING_URI=mlflow_server), capture_output=True, text=True, timeout=300,
-                          cwd=tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return mlflow_server, out
-
-
-def test_run_is_tracked_on_the_server(tracked_run):
+def test_run_is_tracked_on_the_server(tracked_run: TrackedRun):
     from mlflow import MlflowClient
 
-    url, out = tracked_run
+    url, out = tracked_run.url, tracked_run.out
     client = MlflowClient(url, registry_uri=url)
     exp = client.get_experiment_by_name("pretrain-and-probe")
     assert exp is not None and exp.tags.get("mlflow.experimentKind") == "custom_model_development"
-    (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`ae_repr.run_kind` = 'parent'")
-    assert parent.data.tags["prefect.flow_run_id"] and parent.info.status == "FINISHED"
+    (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`ae_repr.run_kind` = 'parent' and "
+                                                                      f"tags.`ae_repr.out_dir` = '{out}'")
+    assert parent.data.tags["prefect.flow_run_id"] == tracked_run.flow_run_id and parent.info.status == "FINISHED"
     children = {r.data.tags["variant"]: r for r in client.search_runs(
         [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
                                            "tags.`ae_repr.run_kind` = 'variant'")}
@@ -165,12 +90,12 @@ def _dom(url: str, tmp: Path) -> str:
     return html.unescape(proc.stdout)
 
 
-def test_ui_shows_variant_and_baseline_runs_and_metrics(tracked_run, tmp_path):
+def test_ui_shows_variant_and_baseline_runs_and_metrics(tracked_run: TrackedRun, tmp_path):
     """The experiment's shared view lists the variant and baseline runs flat, in one table, with headline metric
     columns: the baselines' numbers beside the variants'."""
     from mlflow import MlflowClient
 
-    url, _ = tracked_run
+    url = tracked_run.url
     client = MlflowClient(url)
     exp = client.get_experiment_by_name("pretrain-and-probe")
     assert "mlflow.sharedViewState.variants" in exp.tags
@@ -192,7 +117,7 @@ def test_unreachable_server_fails_fast_before_training(tmp_path):
     out = tmp_path / "out"
     start = time.monotonic()
     proc = subprocess.run([str(BIN / "ae-repr"), "run", "--config", str(_config(tmp_path)), "--out", str(out)],
-                          env=_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_free_port()}"), capture_output=True,
+                          env=_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{svc.free_port()}"), capture_output=True,
                           text=True, timeout=60, cwd=tmp_path)
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr[-2000:]
