@@ -1,6 +1,7 @@
 """A variant from another package (examples/ae_repr_sparse_ae, installed into a temporary folder, entry point
 `ae_repr.variants`) is trained, extracted and evaluated by `ae-repr run` like a built-in one, with every task
-its capabilities allow and a note for the others; nothing in this repository names it."""
+its capabilities allow and a note for the others; nothing in this repository names it. The same run's output
+is the CLI's progress test (one run serves both: a run costs tens of seconds here)."""
 
 from __future__ import annotations
 
@@ -48,21 +49,28 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-def test_plugin_variant_runs_end_to_end(site: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def plugin_run(site: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """(the process, its config, its run folder) of `ae-repr run` of the plug-in's variant, through a pipe."""
+    tmp = tmp_path_factory.mktemp("plugin_run")
+    cfg = yaml.safe_load((ROOT / "configs" / "quick.yaml").read_text())
+    cfg["models"].update(latent_dim=4, backbone="mlp", overrides={"sparse_ae": {"hidden": [32], "sparsity": 0.05}})
+    cfg["eval"].update(applications=["anomaly", "generation", "rate_distortion"], fewshot_k=[1], finetune_epochs=1)
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp / "run"
+    res = _cli(_env(site), "run", "--config", str(config), "--variants", "sparse_ae", "--no-tracking", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res, config, out
+
+
+def test_plugin_variant_runs_end_to_end(site: Path, plugin_run, tmp_path: Path) -> None:
     env = _env(site)
     assert "sparse_ae" in _cli(env, "train", "--help").stdout  # a CLI choice once installed
     without = _cli(_env(tmp_path), "train", "--variant", "sparse_ae", "--out", str(tmp_path / "x"))
     assert without.returncode == 2 and "sparse_ae" in without.stderr  # and not before
 
-    cfg = yaml.safe_load((ROOT / "configs" / "quick.yaml").read_text())
-    cfg["models"].update(latent_dim=4, backbone="mlp", overrides={"sparse_ae": {"hidden": [32], "sparsity": 0.05}})
-    cfg["eval"].update(applications=["anomaly", "generation", "rate_distortion"], fewshot_k=[1], finetune_epochs=1)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    out = tmp_path / "run"
-    res = _cli(env, "run", "--config", str(config), "--variants", "sparse_ae", "--no-tracking", "--out", str(out))
-    assert res.returncode == 0, res.stderr[-3000:]
-
+    _, _, out = plugin_run
     summary = pd.read_parquet(out / "summary.parquet")
     mine = summary[summary["representation"] == "sparse_ae"]
     metrics = set(zip(mine["task"], mine["metric"], strict=True))
@@ -76,3 +84,35 @@ def test_plugin_variant_runs_end_to_end(site: Path, tmp_path: Path) -> None:
     assert "nll_is not run" in report
     model_meta = yaml.safe_load((out / "models" / "sparse_ae" / "config.json").read_text())
     assert model_meta["variant"] == "sparse_ae" and model_meta["model_config"]["sparsity"] == 0.05
+
+
+def test_cli_run_prints_progress_lines_up_to_the_planned_total_instead_of_bare_prefect_lines(
+    site: Path, plugin_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ae-repr run` through a pipe: one line per finished task run, named, counting to the planned total
+    (the plug-in's run: a progress line is the same for any variant)."""
+    import re
+    from collections import Counter
+
+    from ae_repr import variants
+    from ae_repr.config import load_config
+    from flows.pretrain_and_probe import planned_tasks
+
+    res, config, _ = plugin_run
+    monkeypatch.syspath_prepend(str(site))  # the plug-in's entry point, for this test only
+    variants.registry.cache_clear()
+    try:
+        planned = planned_tasks(load_config(config).with_overrides(variants=["sparse_ae"]))
+    finally:
+        monkeypatch.undo()
+        variants.registry.cache_clear()
+    found = [m.groups() for m in re.finditer(r"^\[\s*(\d+)/(\d+)\] (.*)$", res.stdout, re.MULTILINE)]
+    lines = [line for line in found if not line[2].startswith("running:")]  # heartbeats of a slow task run
+    assert lines, res.stdout
+    assert [int(n) for n, _, _ in lines] == list(range(1, len(planned) + 1))  # one line per finished run
+    assert {int(total) for _, total, _ in lines} == {len(planned)}
+    finished = Counter(re.match(r"(?:done|cached) (\S+)", text).group(1) for _, _, text in lines)
+    assert finished == Counter(planned)
+    assert lines[-1][2].startswith("done summarize (")
+    assert any(text.startswith("done train-sparse_ae (") for _, _, text in lines)
+    assert "Finished in state Completed()" not in res.stdout + res.stderr

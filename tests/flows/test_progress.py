@@ -263,50 +263,6 @@ def test_planned_tasks_name_every_run_the_flow_submits() -> None:
 
 # --- the command line ------------------------------------------------------------------------------------
 
-def test_cli_run_prints_progress_lines_up_to_the_planned_total_instead_of_bare_prefect_lines(tmp_path: Path) -> None:
-    """`ae-repr run` through a pipe: one line per finished task run, named, counting to the planned total."""
-    import os
-    import re
-    import subprocess
-    import sys
-    from collections import Counter
-
-    import yaml
-
-    from ae_repr.config import load_config
-    from flows.pretrain_and_probe import planned_tasks
-
-    root = Path(__file__).resolve().parents[2]
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "models": {"latent_dim": 4, "backbone": "mlp", "overrides": {"ae": {"hidden": [32]}}},
-        "train": {"batch_size": 128},
-        "eval": {"baselines": ["pca"], "knn_k": [5], "fewshot_k": [1], "fewshot_seeds": 2, "fewshot_finetune": False,
-                 "map_method": "none", "anomaly_epochs": 1, "nll_samples": 10, "nll_max_rows": 100,
-                 "inpaint_max_rows": 100, "inpaint_iters": 2, "generation_samples": 100},
-        "tracking": {"enabled": False},
-    }))
-    env = dict(os.environ, DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               MLFLOW_DISABLE_TELEMETRY="true", OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    env.pop("PREFECT_API_URL", None)
-    res = subprocess.run([sys.executable, "-m", "ae_repr.cli", "run", "--config", str(config), "--variants", "ae",
-                          "--epochs", "1", "--out", str(tmp_path / "run")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-
-    planned = planned_tasks(load_config(config).with_overrides(variants=["ae"], epochs=1))
-    found = [m.groups() for m in re.finditer(r"^\[\s*(\d+)/(\d+)\] (.*)$", res.stdout, re.MULTILINE)]
-    lines = [line for line in found if not line[2].startswith("running:")]  # heartbeats of a slow task run
-    assert lines, res.stdout
-    assert [int(n) for n, _, _ in lines] == list(range(1, len(planned) + 1))  # one line per finished run
-    assert {int(total) for _, total, _ in lines} == {len(planned)}
-    finished = Counter(re.match(r"(?:done|cached) (\S+)", text).group(1) for _, _, text in lines)
-    assert finished == Counter(planned)
-    assert lines[-1][2].startswith("done summarize (")
-    assert any(text.startswith("done train-ae (") for _, _, text in lines)
-    assert "Finished in state Completed()" not in res.stdout + res.stderr
-
-
 def test_evaluation_sub_tasks_reach_the_display_and_leave_the_console(console: io.StringIO) -> None:
     """The contract with evaluation.pipeline: each sub-task's records carry `eval_task`, the first before it runs."""
     import pandas as pd
