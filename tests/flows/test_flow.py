@@ -32,12 +32,15 @@ ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ("ae", "vae")
 
 
-def tiny_config(**train: Any) -> ExperimentConfig:
-    """configs/quick.yaml cut down further: two variants, one epoch, one baseline."""
+def tiny_config(applications: bool = True, **train: Any) -> ExperimentConfig:
+    """configs/quick.yaml cut down further: two variants, one epoch, one baseline (and no application task or
+    few-shot fine-tuning where a test does not read them)."""
     d = load_config(ROOT / "configs" / "quick.yaml").model_dump(mode="json")
     d["models"]["variants"] = list(VARIANTS)
     d["train"].update({"epochs": 1, **train})
     d["eval"].update({"baselines": ["pca"], "knn_k": [5]})
+    if not applications:
+        d["eval"].update({"applications": [], "fewshot_finetune": False})
     d["tracking"]["enabled"] = False
     return validate_config(d)
 
@@ -199,7 +202,7 @@ def test_rerun_with_fewer_variants_at_another_width_ignores_the_earlier_features
     """An earlier run's feature files stay in the folder; baselines and the summary follow this run's."""
     out, _ = first_run
     shutil.copytree(out / "features", tmp_path / "features")  # ae.parquet and vae.parquet, 8-d
-    state = fp.pretrain_and_probe(config=tiny_config().with_overrides(variants=["vae"], latent_dim=4),
+    state = fp.pretrain_and_probe(config=tiny_config(applications=False).with_overrides(variants=["vae"], latent_dim=4),
                                   out=str(tmp_path), return_state=True)
     assert state.is_completed(), state.message
     assert len(read_features(tmp_path / "features" / "pca.parquet").z_columns) == 4
@@ -225,7 +228,7 @@ def test_one_failing_variant_fails_alone(storage, tmp_path, monkeypatch):
         return real(variant, *args, **kwargs)
 
     monkeypatch.setattr(fp, "train_variant", train_variant)
-    state = fp.pretrain_and_probe(config=tiny_config(), out=str(tmp_path), return_state=True)
+    state = fp.pretrain_and_probe(config=tiny_config(applications=False), out=str(tmp_path), return_state=True)
 
     assert state.is_failed()
     assert "vae" in state.message and "injected failure in vae" in state.message
