@@ -16,6 +16,7 @@ Parameters are counted exactly, by building each model on PyTorch's meta device 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -72,6 +73,7 @@ def gib(n: int) -> str:
     return f"{max(n / GIB, 0.1):.1f} GiB"
 
 
+@functools.lru_cache(maxsize=64)  # a run checks before and after loading: the same models, built once
 def count_parameters(variant: str, model_cfg: ModelConfig, shape: tuple[int, ...], likelihood: str) -> int:
     """Parameters of the variant's model for samples of `shape`: exact, the model built on the meta device."""
     import torch

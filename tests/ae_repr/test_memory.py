@@ -135,16 +135,18 @@ def _wide_npy(path: Path, rows: int, cols: int) -> Path:
 
 
 def test_the_size_comes_from_the_header_without_reading_the_data(tmp_path: Path, monkeypatch) -> None:
-    path = _wide_npy(tmp_path / "wide.npy", 40, 100_000_000)  # 16 GB of zeros, none of it on disk
+    path = _wide_npy(tmp_path / "wide.npy", 40, 1_000_000)  # 160 MB of zeros, none of it on disk
     head = peek_dataset(str(path))
-    assert (head.n, head.shape, head.itemsize, head.labels) == (40, (100_000_000,), 4, False)
+    assert (head.n, head.shape, head.itemsize, head.labels) == (40, (1_000_000,), 4, False)
 
     def no_load(*a: object, **k: object) -> None:
         raise AssertionError("the data was read before the memory check")
 
     monkeypatch.setattr(np, "load", no_load)
-    cfg = ExperimentConfig().with_overrides(dataset=str(path))
-    with pytest.raises(DataError, match=r"wide\.npy: 40 x 100000000 features would need about .* GiB available"):
+    # a hidden layer of 10^5 units on 10^6 inputs: ~3e11 parameters, more than any machine holds
+    cfg = validate_config({"data": {"dataset": str(path)},
+                           "models": {"variants": ["ae"], "overrides": {"ae": {"hidden": [100_000]}}}})
+    with pytest.raises(DataError, match=r"wide\.npy: 40 x 1000000 features would need about .* GiB available"):
         check_dataset_fits(cfg)
 
 
