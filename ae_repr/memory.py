@@ -190,16 +190,31 @@ def check_fits(
     itemsize: int = 8,
     labels: bool = True,
     available: int | None = None,
+    gpu_available: int | None = None,
 ) -> MemoryEstimate:
-    """The run's estimate; DataError in one line when it exceeds the memory available."""
+    """The run's estimate; DataError in one line when it exceeds the memory available. With `gpu_available`
+    (training on a GPU) the models and their activations are compared with it, the rest with `available`."""
     est = estimate_memory(n_rows, shape, cfg, variants_at_once=variants_at_once, itemsize=itemsize, labels=labels)
     avail = available_memory() if available is None else available
-    if est.total > avail:
+    host = est.total if gpu_available is None else est.data + est.evaluation
+    gpu = 0 if gpu_available is None else est.model + est.activations
+    if host > avail or (gpu_available is not None and gpu > gpu_available):
         size = f"{n_rows} x {math.prod(shape)} features" if len(shape) == 1 else \
             f"{n_rows} images of {' x '.join(map(str, shape))}"
-        raise DataError(f"{what}: {size} would need {est.describe()}; {gib(avail)} available; reduce the features "
+        where = f"{gib(avail)} available" if gpu_available is None else \
+            f"{gib(gpu)} of it on the GPU, {gib(gpu_available)} free there, {gib(avail)} available in memory"
+        raise DataError(f"{what}: {size} would need {est.describe()}; {where}; reduce the features "
                         "(or models.hidden / channels, train.batch_size) or use a machine with more memory")
     return est
+
+
+def gpu_free_memory(device: str) -> int | None:
+    """Free bytes on the GPU training will use (`train.device`; auto: CUDA when present), None on the CPU."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return None  # (a missing GPU for "cuda" is the trainer's error to report)
+    return int(torch.cuda.mem_get_info()[0])
 
 
 def check_dataset_fits(
@@ -216,7 +231,8 @@ def check_dataset_fits(
         head = peek_dataset(spec)
         if head is None:
             return None
-        return check_fits(what, head.n, head.shape, cfg, variants_at_once=variants_at_once, itemsize=head.itemsize,
-                          labels=head.labels)
-    return check_fits(what, len(data), data.shape, cfg, variants_at_once=variants_at_once,
-                      itemsize=data.x.dtype.itemsize, labels=data.labels is not None)
+        n, shape, itemsize, labels = head.n, head.shape, head.itemsize, head.labels
+    else:
+        n, shape, itemsize, labels = len(data), data.shape, data.x.dtype.itemsize, data.labels is not None
+    return check_fits(what, n, shape, cfg, variants_at_once=variants_at_once, itemsize=itemsize, labels=labels,
+                      gpu_available=gpu_free_memory(cfg.train.device))

@@ -161,3 +161,15 @@ def test_a_moderately_wide_table_trains(tmp_path: Path) -> None:
                  "--out", str(out)])
     assert code == 0
     assert load_model(out / "models" / "ae").model.input_shape == (5000,)
+
+
+def test_on_a_gpu_the_models_are_compared_with_its_free_memory() -> None:
+    """Training on a GPU: models and activations must fit its free memory, the data and evaluation the host's."""
+    cfg = _cfg(["ae"])
+    est = estimate_memory(200, (5000,), cfg)
+    on_gpu, on_host = est.model + est.activations, est.data + est.evaluation
+    check_fits("data.npy", 200, (5000,), cfg, available=on_host, gpu_available=on_gpu)  # each just fits
+    with pytest.raises(DataError, match="on the GPU, .* free there"):
+        check_fits("data.npy", 200, (5000,), cfg, available=10 * est.total, gpu_available=on_gpu - 1)
+    with pytest.raises(DataError, match="GiB available in memory"):
+        check_fits("data.npy", 200, (5000,), cfg, available=on_host - 1, gpu_available=10 * est.total)

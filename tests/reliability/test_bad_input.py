@@ -275,7 +275,7 @@ def _(ctx: Ctx) -> Case:
 
 def _too_wide(ctx: Ctx) -> tuple[Path, Path]:
     """A valid .npy of 40 x 200,000 float32 (written sparse: 32 MB that take no disk) and a config whose hidden
-    width makes the model far larger than any machine's memory (~2e11 parameters): refused from the header."""
+    width makes the model far larger than any machine's memory (~6e11 parameters): refused from the header."""
     path = ctx.dir / "wide.npy"
     np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(40, 200_000)).flush()
     cfg = write_config(ctx.dir / "wide.yaml", {"models": {"overrides": {"ae": {"hidden": [1_000_000]}}}})
