@@ -61,8 +61,9 @@ def load_file(path: str | os.PathLike[str]) -> RawData:
     if not path.is_file():
         raise DataError(f"{path}: not a file")
     if path.stat().st_size == 0:  # a file just created by a writer that has not written yet looks like this
-        raise DataError(f"{path}: empty file (0 bytes); if it is still being written or copied, re-run when it is "
-                        "complete")
+        what = {"csv": "CSV", "parquet": "Parquet"}.get(kind, f".{kind}")
+        raise DataError(f"{path}: empty {what} file (0 bytes); if it is still being written or copied, re-run when "
+                        "it is complete")
     if kind in ("parquet", "csv"):
         return _from_frame(path, _read_parquet(path) if kind == "parquet" else _read_csv(path))
     return _read_npy(path) if kind == "npy" else _read_npz(path)

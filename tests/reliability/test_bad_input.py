@@ -255,14 +255,14 @@ def _(ctx: Ctx) -> Case:
 def _(ctx: Ctx) -> Case:
     path = ctx.dir / "empty.npy"
     path.write_bytes(b"")  # created, nothing written yet
-    return train_on(ctx, path, str(path), "empty file", "still being written")
+    return train_on(ctx, path, str(path), "empty .npy file (0 bytes)", "still being written")
 
 
 @case("data-empty-parquet")
 def _(ctx: Ctx) -> Case:
     path = ctx.dir / "empty.parquet"
     path.write_bytes(b"")
-    return train_on(ctx, path, str(path), "empty file")
+    return train_on(ctx, path, str(path), "empty Parquet file (0 bytes)")
 
 
 @case("data-npy-cut-in-its-header")
