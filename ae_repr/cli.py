@@ -246,8 +246,13 @@ def _cmd_train(args: argparse.Namespace, created: list[Path]) -> int:
     if args.variant not in variant_names():
         raise UserError(f"--variant {args.variant!r}: unknown; choose from {', '.join(variant_names())}")
     cfg = _load_cfg(args).with_overrides(variants=[args.variant])
+    from .memory import check_dataset_fits
+
+    sized = check_dataset_fits(cfg)  # from the data's headers: a run that cannot fit writes nothing
     out = _out_dir(args.out, created)
     data = _load_data(cfg)
+    if sized is None:  # headers that do not tell the size (a CSV file): from the data, before training
+        check_dataset_fits(cfg, data=data)
     res = train_variant(args.variant, data, cfg, out / "models" / args.variant)
     if res.skipped:
         print(f"{args.variant}: already trained with this config: {res.model_dir}")
@@ -308,6 +313,12 @@ def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
     cfg = with_applications(_load_cfg(args), args.applications).with_seeds(args.seeds)
     cfg = cfg.with_orchestration(executor=args.executor, ray_address=args.ray_address)
     _check_dataset(cfg.data.dataset)
+    from flows.pretrain_and_probe import trainings_at_once
+
+    from .memory import check_dataset_fits
+
+    # from the data's headers: a run that cannot fit is refused before any folder, server or training
+    sized = check_dataset_fits(cfg, variants_at_once=trainings_at_once(cfg))
     if args.no_tracking:
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
     ray = cfg.orchestration.executor == "ray"
@@ -328,7 +339,9 @@ def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
     with exclusive_lock(out), api_booting() as api_ready:
         from flows.pretrain_and_probe import data_for
 
-        data_for(cfg)  # bad data fails here, in one line, before the flow starts (the flow reuses this load)
+        data = data_for(cfg)  # bad data fails here, in one line, before the flow starts (the flow reuses this load)
+        if sized is None:  # headers that do not tell the size (a CSV file): from the data
+            check_dataset_fits(cfg, data=data, variants_at_once=trainings_at_once(cfg))
         if ray:  # every node must see the run folder, reach the Prefect API and run this code
             executor.check_start(cfg, out)
         api_ready()

@@ -15,5 +15,9 @@ class ConfigError(UserError):
     """An invalid configuration or option value."""
 
 
+class DataChanged(RuntimeError):
+    """The data changed during a run (a run-time failure, exit code 1): its stages would see two versions."""
+
+
 class TrainingDiverged(RuntimeError):
     """A non-finite loss during training (a run-time failure, exit code 1)."""

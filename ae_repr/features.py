@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel, load_model
+from .data import data_changed
 from .data.dataset import Dataset
 from .errors import UserError
 from .io import write_features
@@ -61,6 +62,8 @@ def extract_features(
             f"expects {tuple(loaded.model.input_shape)}"
         )
     if loaded.meta.get("dataset_sha256") not in (None, data.sha256):
+        if loaded.meta.get("dataset") == data.name:  # the same data set, other content: it changed since training
+            raise data_changed(data.name, loaded.meta["dataset_sha256"], data.sha256)
         log.warning("%s: extracting on data that differs from the training data (%s)", model_dir, data.name)
     z = encode_all(loaded, data.x, batch_size)
     if not np.isfinite(z).all():

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from threadpoolctl import ThreadpoolController
 
-from ae_repr.data import Dataset, Normalizer, load_dataset
+from ae_repr.data import Dataset, Normalizer, data_changed, load_dataset
 from ae_repr.errors import UserError
 from ae_repr.io import FeatureFile, read_features
 
@@ -173,7 +173,8 @@ def dataset_of(ff: FeatureFile) -> tuple[Dataset, np.ndarray]:
         raise UserError(f"{ff.path}: metadata has no 'dataset'; cannot recover the raw inputs")
     ds = _dataset(spec, ff.meta.get("dataset_sha256"))
     if ff.meta.get("dataset_sha256") and ff.meta["dataset_sha256"] != ds.sha256:
-        log.warning("%s: data set %s hash differs from the one recorded at extraction", ff.path.name, spec)
+        # the features encode another version of the data than the raw inputs read now: never mix the two
+        raise data_changed(spec, ff.meta["dataset_sha256"], ds.sha256)
     pos = pd.Index(ds.sample_id).get_indexer(ff.frame["sample_id"].to_numpy())
     if (pos < 0).any():
         raise UserError(f"{ff.path}: {int((pos < 0).sum())} sample_ids are not in data set {spec!r}")

@@ -32,9 +32,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 import ae_repr
 from ae_repr.checkpoint import DESCRIPTION, WEIGHTS
 from ae_repr.config import ExperimentConfig, load_config, validate_config
-from ae_repr.data import Dataset, load_dataset, parse_dataset_spec
+from ae_repr.data import Dataset, data_changed, load_dataset, parse_dataset_spec
+from ae_repr.errors import DataError
 from ae_repr.features import extract_features
 from ae_repr.io import exclusive_lock, read_json, remove_torn_writes, sha256_file, write_json
+from ae_repr.memory import check_dataset_fits
 from ae_repr.seeds import Member, grid_members, pretraining_seeds
 from ae_repr.train import train_variant
 from evaluation import (
@@ -57,6 +59,7 @@ from .tracking import Recorder, example_rows
 
 FLOW_NAME = "pretrain-and-probe"
 TIMINGS = "timings.json"
+PINNED_DATA = "data.json"  # the data set a run started with (spec and content digest): every stage checks it
 TASK_WORKERS = 2  # task runs side by side in one flow run (threads)
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -95,10 +98,24 @@ def _stamp(spec: str) -> tuple[int, ...] | None:
         return None
 
 
-def data_for(cfg: ExperimentConfig) -> Dataset:
-    """The (process-cached) data set a config names; a data file changed since it was loaded is loaded again."""
+def data_for(cfg: ExperimentConfig, out: str | Path | None = None) -> Dataset:
+    """The (process-cached) data set a config names; a data file changed since it was loaded is loaded again.
+
+    With `out`, the run folder, the content must be the one the run started with (`data.json`, written by
+    prepare-data): a stage never works on another version than the stages before it (DataChanged otherwise).
+    """
     spec = cfg.data.dataset
-    return _data(spec, cfg.data.test_fraction, cfg.data.split_seed, _stamp(spec))
+    pinned = Path(out) / PINNED_DATA if out is not None else None
+    start = read_json(pinned) if pinned is not None and pinned.is_file() else {}
+    if start.get("dataset") != spec:
+        return _data(spec, cfg.data.test_fraction, cfg.data.split_seed, _stamp(spec))
+    try:
+        data = _data(spec, cfg.data.test_fraction, cfg.data.split_seed, _stamp(spec))
+    except DataError as e:  # unreadable now (being rewritten), though it was read at the start
+        raise data_changed(spec, start["sha256"], f"unreadable: {str(e).splitlines()[0]}") from None
+    if data.sha256 != start["sha256"]:
+        raise data_changed(spec, start["sha256"], data.sha256)
+    return data
 
 
 class _Clock:
@@ -235,9 +252,12 @@ def prepare_data(cfg: ExperimentConfig, out: str) -> dict[str, Any]:
     """Load and validate the data, record the config; returns the data's identity."""
     with CLOCK.phase("data"):
         data = data_for(cfg)
+        check_dataset_fits(cfg, data=data, variants_at_once=trainings_at_once(cfg))
         write_json(Path(out) / "config.json", cfg.model_dump(mode="json"))
-    return {"dataset": data.name, "sha256": data.sha256, "rows": len(data), "shape": list(data.shape),
-            "labels": data.labels is not None}
+        info = {"dataset": data.name, "sha256": data.sha256, "rows": len(data), "shape": list(data.shape),
+                "labels": data.labels is not None}
+        write_json(Path(out) / PINNED_DATA, info)  # what every later stage checks its data against
+    return info
 
 
 @task(name="train", tags=["gpu"], persist_result=True, cache_key_fn=_train_key, task_run_name="train-{variant}")
@@ -245,7 +265,7 @@ def train_task(variant: str, cfg: ExperimentConfig, out: str, log_fn: EpochLog |
                name: str | None = None) -> str:
     """Train one variant into `models/<name or variant>`; returns its model folder."""
     with CLOCK.phase("training"), task_logging(log_fn):
-        res = train_variant(variant, data_for(cfg), cfg, Path(out) / "models" / (name or variant),
+        res = train_variant(variant, data_for(cfg, out), cfg, Path(out) / "models" / (name or variant),
                             log_fn=epoch_reporter(name or variant, CLOCK.wrap("tracking", log_fn)), progress=False)
     if res.skipped:
         get_run_logger().info("%s: already trained for this config, skipped", variant)
@@ -261,7 +281,7 @@ def extract_task(variant: str, cfg: ExperimentConfig, out: str, model_dir: str,
     """Write the variant's features to `features/<name or variant>.parquet` (with `metadata` in the file's
     metadata); returns the Parquet path."""
     with CLOCK.phase("extraction"):
-        path = extract_features(model_dir, data_for(cfg), Path(out) / "features" / f"{name or variant}.parquet",
+        path = extract_features(model_dir, data_for(cfg, out), Path(out) / "features" / f"{name or variant}.parquet",
                                 metadata=metadata)
     return str(path)
 
@@ -290,7 +310,7 @@ def plots_task(variant: str, cfg: ExperimentConfig, out: str, model_dir: str, fe
     """The variant's figures (loss curves, reconstructions, prior samples, latent map) under
     `plots/<name or variant>/`."""
     with CLOCK.phase("plots"):
-        example, _ = example_rows(data_for(cfg))
+        example, _ = example_rows(data_for(cfg, out))
         try:
             made = variant_plots(model_dir, example, feature_path, Path(out) / "plots" / (name or variant))
         except Exception as e:  # a figure must not cost the run its results
@@ -340,6 +360,13 @@ def resolve_config(config: ExperimentConfig | str | dict | None, **overrides: An
 def default_out(cfg: ExperimentConfig) -> Path:
     """`runs/<dataset>` under the working directory (the checkout, for deployment runs)."""
     return Path("runs") / cfg.data.dataset.replace(":", "_").replace("/", "_")
+
+
+def trainings_at_once(cfg: ExperimentConfig) -> int:
+    """Models that may train side by side in one process: the thread pool's task runs (a Ray task holds one)."""
+    if cfg.orchestration.executor == "ray":
+        return 1
+    return min(TASK_WORKERS, len(grid_members(cfg)) + len(beta_sweep(cfg)))
 
 
 def threads_per_task() -> int:
@@ -394,7 +421,7 @@ def pretrain_and_probe(
             log.info("removed %d temporary files of writes a killed run left unfinished", len(torn))
         info = prepare_data(cfg, str(out_dir))
         with CLOCK.phase("tracking"):
-            recorder = Recorder.start(cfg, out_dir, info, example_rows(data_for(cfg))[0], flow_run=_flow_run())
+            recorder = Recorder.start(cfg, out_dir, info, example_rows(data_for(cfg, out_dir))[0], flow_run=_flow_run())
         try:
             with running_on(cfg, out_dir, threads_per_task()) as ex:
                 return _run(cfg, out_dir, recorder, ex)

@@ -30,6 +30,7 @@ NPZ_Y_KEYS = ("y", "label", "labels")
 SUFFIXES = (".parquet", ".csv", ".csv.gz", ".npy", ".npz")
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_ARROW_NUMERIC = frozenset(range(1, 13))  # pyarrow type ids of bool, int8 .. uint64, float16 .. double
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,72 @@ def load_file(path: str | os.PathLike[str]) -> RawData:
         raise DataError(f"{path}: no such file")
     if not path.is_file():
         raise DataError(f"{path}: not a file")
+    if path.stat().st_size == 0:  # a file just created by a writer that has not written yet looks like this
+        what = {"csv": "CSV", "parquet": "Parquet"}.get(kind, f".{kind}")
+        raise DataError(f"{path}: empty {what} file (0 bytes); if it is still being written or copied, re-run when "
+                        "it is complete")
     if kind in ("parquet", "csv"):
         return _from_frame(path, _read_parquet(path) if kind == "parquet" else _read_csv(path))
     return _read_npy(path) if kind == "npy" else _read_npz(path)
+
+
+@dataclass(frozen=True)
+class FileShape:
+    """What a data file's header says, before its content is read: rows, sample shape, bytes per value, labels."""
+
+    n: int
+    shape: tuple[int, ...]  # (D,) or (C, H, W)
+    itemsize: int
+    labels: bool
+
+
+def peek_file(path: str | os.PathLike[str]) -> FileShape | None:
+    """The file's size from its header alone (.npy, .npz, .parquet); None for a CSV or a file it cannot tell.
+
+    The load reports what is wrong with a file; this only lets a run be sized before the content is read.
+    """
+    path = Path(path).expanduser()
+    try:
+        if file_kind(path) == "npy":
+            with open(path, "rb") as f:
+                return _array_shape(f, labels=False)
+        if file_kind(path) == "npz":
+            with zipfile.ZipFile(path) as z:
+                names = {Path(n).stem: n for n in z.namelist()}
+                x_key = next((k for k in NPZ_X_KEYS if k in names), None)
+                if x_key is None:
+                    return None
+                with z.open(names[x_key]) as f:
+                    return _array_shape(f, labels=any(k in names for k in NPZ_Y_KEYS))
+        if file_kind(path) == "parquet":
+            import pyarrow.parquet as pq
+
+            schema = pq.read_schema(path)
+            widths = [max(1, t.bit_width // 8) for name, t in zip(schema.names, schema.types, strict=True)
+                      if name not in RESERVED and t.id in _ARROW_NUMERIC]
+            if not widths:
+                return None
+            return FileShape(pq.read_metadata(path).num_rows, (len(widths),), max(widths), LABEL in schema.names)
+    except Exception:  # noqa: BLE001 - the load says what is wrong, in its own words
+        return None
+    return None
+
+
+def _array_shape(f, labels: bool) -> FileShape | None:
+    """A .npy header's array as the loader will see it: (N, D), (N, H, W) as (N, 1, H, W), or (N, C, H, W)."""
+    fmt = np.lib.format
+    read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(f))
+    if read is None:
+        return None
+    shape, _, dtype = read(f)  # the header only: the data stays on disk
+    if dtype.names or dtype.kind not in "biuf" or len(shape) not in (2, 3, 4) or not shape[0]:
+        return None  # a table in a structured array, or what the load refuses
+    sample = tuple(shape[1:])
+    if len(sample) == 2:
+        sample = (1, *sample)
+    elif len(sample) == 3 and sample[0] > 4 and sample[2] <= 4:
+        sample = (sample[2], sample[0], sample[1])  # channels-last, as the load transposes it
+    return FileShape(int(shape[0]), tuple(int(s) for s in sample), dtype.itemsize, labels)
 
 
 # ---------------------------------------------------------------------------------------------- tables

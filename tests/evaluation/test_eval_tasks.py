@@ -12,6 +12,7 @@ from scipy import stats
 from sklearn.decomposition import PCA
 
 from ae_repr.config import EvalConfig
+from ae_repr.data import load_dataset
 from ae_repr.errors import UserError
 from ae_repr.io import read_features, write_features
 from evaluation import fewshot_frozen, knn, linear_probe, reduction, write_baselines
@@ -132,13 +133,14 @@ def test_pca_baseline_recon_mse_equals_sklearn(tmp_path, synth):
 def test_baselines_copy_rows_split_and_labels_from_the_learned_file(tmp_path, synth):
     split = synth.split.copy()
     split[:5] = "test"  # the feature file's split wins over the data file's
+    digest = load_dataset(str(synth.path)).sha256  # the data file's: evaluation refuses features of other content
     learned = write_features(
         tmp_path / "features" / "vae.parquet",
         sample_id=np.arange(len(synth.y)),
         split=split,
         label=synth.y,
         z=_onehot_noise(synth),
-        metadata={"variant": "vae", "dataset": str(synth.path), "dataset_sha256": "abc", "model_dir": "../m"},
+        metadata={"variant": "vae", "dataset": str(synth.path), "dataset_sha256": digest, "model_dir": "../m"},
     )
     paths = write_baselines(tmp_path / "features", EvalConfig())
     assert [p.stem for p in paths] == ["raw", "pca", "ica", "random_projection"]
@@ -146,7 +148,7 @@ def test_baselines_copy_rows_split_and_labels_from_the_learned_file(tmp_path, sy
     for path, width in zip(paths, (D, 4, 4, 4), strict=True):
         ff = read_features(path)
         assert ff.meta["variant"] == path.stem and int(ff.meta["latent_dim"]) == width == len(ff.z_columns)
-        assert ff.meta["dataset"] == str(synth.path) and ff.meta["dataset_sha256"] == "abc"
+        assert ff.meta["dataset"] == str(synth.path) and ff.meta["dataset_sha256"] == digest
         assert "model_dir" not in ff.meta and float(ff.meta["fit_time_s"]) >= 0
         cols = ["sample_id", "split", "label"]
         pd.testing.assert_frame_equal(ff.frame[cols], ref.frame[cols])

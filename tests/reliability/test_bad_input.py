@@ -2,8 +2,9 @@
 no traceback, and nothing half-written.
 
 Each case builds its inputs in its own folder and names the output folder the command would create;
-all cases run as concurrent subprocesses once per module (a CLI start costs seconds of imports), and
-each test then checks one outcome.
+all cases run once per module, a few at a time, and each test then checks one outcome. A command runs as a
+forked child of a fork server that has imported the CLI's libraries once (a fresh process spends seconds on
+imports; see forkserver.py), except SUBPROCESS_CASES, which run the installed `ae-repr` console script.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import gzip
 import struct
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +20,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from forkserver import CommandRunner
 from reliability_helpers import (
+    CLI,
+    ROOT,
     Trained,
     assert_one_line_error,
+    cli_env,
     describe,
     digits_features,
     files_under,
     run_cli,
     write_config,
 )
+
+# run as real `ae-repr` processes (the console script's own start-up and exit), the others in a fork server
+SUBPROCESS_CASES = ("data-missing-file", "config-invalid-yaml", "run-missing-data")
 
 
 @dataclass
@@ -241,6 +249,53 @@ def _(ctx: Ctx) -> Case:
     np.save(path, np.ones((400, 5)))
     path.write_bytes(path.read_bytes()[:3000])
     return train_on(ctx, path)
+
+
+@case("data-empty-npy")
+def _(ctx: Ctx) -> Case:
+    path = ctx.dir / "empty.npy"
+    path.write_bytes(b"")  # created, nothing written yet
+    return train_on(ctx, path, str(path), "empty .npy file (0 bytes)", "still being written")
+
+
+@case("data-empty-parquet")
+def _(ctx: Ctx) -> Case:
+    path = ctx.dir / "empty.parquet"
+    path.write_bytes(b"")
+    return train_on(ctx, path, str(path), "empty Parquet file (0 bytes)")
+
+
+@case("data-npy-cut-in-its-header")
+def _(ctx: Ctx) -> Case:
+    path = ctx.dir / "cut.npy"
+    np.save(path, np.ones((400, 5)))
+    path.write_bytes(path.read_bytes()[:40])
+    return train_on(ctx, path, str(path), "header")
+
+
+def _too_wide(ctx: Ctx) -> tuple[Path, Path]:
+    """A valid .npy of 40 x 200,000 float32 (written sparse: 32 MB that take no disk) and a config whose hidden
+    width makes the model far larger than any machine's memory (~6e11 parameters): refused from the header."""
+    path = ctx.dir / "wide.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(40, 200_000)).flush()
+    cfg = write_config(ctx.dir / "wide.yaml", {"models": {"overrides": {"ae": {"hidden": [1_000_000]}}}})
+    return path, cfg
+
+
+@case("data-too-wide-for-memory")
+def _(ctx: Ctx) -> Case:
+    path, cfg = _too_wide(ctx)
+    out = ctx.dir / "out"
+    return Case(["train", "--variant", "ae", "--config", str(cfg), "--dataset", str(path), "--out", str(out)],
+                (str(path), "40 x 200000 features would need about", "GiB available", "more memory"), out)
+
+
+@case("run-data-too-wide-for-memory")
+def _(ctx: Ctx) -> Case:
+    path, cfg = _too_wide(ctx)
+    out = ctx.dir / "out"
+    return Case(["run", "--config", str(cfg), "--variants", "ae", "--dataset", str(path), "--no-tracking",
+                 "--out", str(out)], (str(path), "would need about", "GiB available"), out)
 
 
 @case("data-single-class-npz")
@@ -606,8 +661,20 @@ def _(ctx: Ctx) -> Case:
 
 
 @pytest.fixture(scope="module")
+def cli() -> Iterator[CommandRunner]:
+    """`ae-repr` commands as forked children of one process that imported the CLI's libraries once."""
+    runner = CommandRunner(cli_env(), ROOT, jobs=3, cli=CLI)
+    if not runner.forking:
+        import warnings
+
+        warnings.warn(f"bad-input commands run as subprocesses: {runner.why_not}", stacklevel=1)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="module")
 def outcomes(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, trained: Trained
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, trained: Trained, cli: CommandRunner
 ) -> dict[str, tuple[Case, subprocess.CompletedProcess]]:
     """Build the selected cases' inputs, then run all their commands, a few at a time."""
     selected = {item.callspec.params["name"] for item in request.session.items
@@ -623,13 +690,17 @@ def outcomes(
         c = build(Ctx(folder, tiny, trained))
         c.before = {w: files_under(w) for w in c.watch}
         cases[name] = c
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {name: pool.submit(run_cli, *c.args, timeout=240) for name, c in cases.items()}
-        return {name: (cases[name], fut.result()) for name, fut in futures.items()}
+    with ThreadPoolExecutor(max_workers=len(SUBPROCESS_CASES)) as pool:  # beside the forked ones
+        futures = {name: pool.submit(run_cli, *c.args, timeout=240) for name, c in cases.items()
+                   if name in SUBPROCESS_CASES}
+        done = cli.run_many({name: (c.args, None) for name, c in cases.items() if name not in SUBPROCESS_CASES})
+        done.update({name: fut.result() for name, fut in futures.items()})
+    return {name: (cases[name], done[name]) for name in cases}
 
 
 def test_enough_cases() -> None:
     assert len(CASES) >= 60
+    assert set(SUBPROCESS_CASES) <= set(CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -647,7 +718,7 @@ def test_bad_input(name: str, outcomes: dict[str, tuple[Case, subprocess.Complet
 
 
 @pytest.mark.parametrize("how", ["empty-label-column", "no-label-column"])
-def test_evaluate_without_labels_skips_label_tasks(how: str, tmp_path: Path) -> None:
+def test_evaluate_without_labels_skips_label_tasks(how: str, tmp_path: Path, cli: CommandRunner) -> None:
     """Features without labels: `evaluate` succeeds, runs the label-free tasks, and the report says why it skipped."""
     import pyarrow.parquet as pq
 
@@ -657,7 +728,7 @@ def test_evaluate_without_labels_skips_label_tasks(how: str, tmp_path: Path) -> 
     digits_features(feats / "vae.parquet", labels=False, drop=drop)
     cfg = write_config(tmp_path / "eval.yaml", {"eval": {"baselines": []}})
     out = tmp_path / "out"
-    res = run_cli("evaluate", "--features", feats, "--out", out, "--config", cfg, timeout=240)
+    res = cli.run("evaluate", "--features", feats, "--out", out, "--config", cfg, timeout=240)
     assert res.returncode == 0, describe(res)
     assert "Traceback" not in res.stderr, describe(res)
     assert "label" in res.stderr + res.stdout, "no message about the skipped label tasks"
@@ -669,19 +740,19 @@ def test_evaluate_without_labels_skips_label_tasks(how: str, tmp_path: Path) -> 
     assert "no labels" in report and "linear_probe" in report, report
 
 
-def test_failed_command_keeps_an_existing_out_folder(tmp_path: Path) -> None:
+def test_failed_command_keeps_an_existing_out_folder(tmp_path: Path, cli: CommandRunner) -> None:
     """A bad-input failure removes only what the command created: an existing --out and its files stay."""
     out = tmp_path / "out"
     (out / "models").mkdir(parents=True)
     (out / "models" / "keep.txt").write_text("earlier work")
-    res = run_cli("train", "--variant", "ae", "--dataset", tmp_path / "missing.parquet", "--out", out)
+    res = cli.run("train", "--variant", "ae", "--dataset", tmp_path / "missing.parquet", "--out", out)
     assert_one_line_error(res, 2, "missing.parquet")
     assert files_under(out) == {out / "models", out / "models" / "keep.txt"}
 
 
-def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+def test_debug_shows_the_traceback(tmp_path: Path, cli: CommandRunner) -> None:
     """--debug is the one way to get a traceback (the test above would pass on a CLI that never prints one)."""
-    res = run_cli("--debug", "train", "--variant", "ae", "--dataset", tmp_path / "missing.parquet",
+    res = cli.run("--debug", "train", "--variant", "ae", "--dataset", tmp_path / "missing.parquet",
                   "--out", tmp_path / "out")
     assert res.returncode != 0 and "Traceback" in res.stderr, describe(res)
     assert not (tmp_path / "out").exists(), "a failed --debug command left its output folder behind"
