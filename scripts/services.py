@@ -58,27 +58,31 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group."""
-    proc = Path("/proc")
-    if not proc.is_dir():  # not Linux: ask the kernel whether anything is left in the group
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return []
-        return [pgid]
-    members = []
-    for d in proc.iterdir():
+def process_table() -> dict[int, tuple[int, int, int]]:
+    """Every live (non-zombie) process, from /proc: pid -> (parent pid, process group, start time in clock ticks)."""
+    table = {}
+    for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             stat = (d / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(d.name))
-    return members
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ... starttime (20th)
+        if fields[0] != "Z":
+            table[int(d.name)] = (int(fields[1]), int(fields[2]), int(fields[19]))
+    return table
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group."""
+    if not Path("/proc").is_dir():  # not Linux: ask the kernel whether anything is left in the group
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [pgid]
+    return [pid for pid, (_, group, _) in process_table().items() if group == pgid]
 
 
 def _reap(pgid: int) -> None:

@@ -195,25 +195,9 @@ def test_worker_killed_mid_run_then_rerun_completes_from_cache(deployed: Service
     assert set(s.loc[(s["task"] == "linear_probe") & (s["metric"] == "accuracy"), "representation"]) == {*VARIANTS, "pca"}
 
 
-def _process_table() -> dict[int, tuple[int, int, int]]:
-    """Every live (non-zombie) process: pid -> (parent pid, process group, start time in clock ticks)."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ... starttime (20th)
-        if fields[0] != "Z":
-            out[int(d.name)] = (int(fields[1]), int(fields[2]), int(fields[19]))
-    return out
-
-
 def _tree(groups: set[int]) -> set[tuple[int, int]]:
     """(pid, start time) of every process in `groups` and of every descendant of those, whatever its group."""
-    table = _process_table()
+    table = svc.process_table()
     found = {pid for pid, (_, pgid, _) in table.items() if pgid in groups}
     while more := {pid for pid, (ppid, _, _) in table.items() if ppid in found} - found:
         found |= more
@@ -361,7 +345,7 @@ def test_three_runs_at_once_against_make_services_lose_nothing(tmp_path: Path):
         assert len(ours) > len(groups), ours  # the servers' children (uvicorn, MLflow's job runners) are in it
         stop = services_cli(state, env, "stop", "--grace", "5")
         assert stop.returncode == 0, stop.stdout + stop.stderr
-        table = _process_table()
+        table = svc.process_table()
         left = sorted(pid for pid, start in ours if pid in table and table[pid][2] == start)
         assert not left, f"processes left after `services.py stop`: {left}"
         assert bystander.poll() is None, "`services.py stop` ended a process it did not start"
