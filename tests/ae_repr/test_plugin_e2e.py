@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import background
 import pandas as pd
 import pytest
 import yaml
@@ -19,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "ae_repr_sparse_ae"
 
 
-def _env(site: Path) -> dict[str, str]:
-    env = dict(os.environ, DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+def _env(site: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base, DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                MLFLOW_DISABLE_TELEMETRY="true", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(site), env.get("PYTHONPATH", "")])
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -33,10 +34,8 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _install(base: Path) -> Path:
     """The example plug-in installed (no dependencies, no index: it is local) into a temporary folder."""
-    base = tmp_path_factory.mktemp("plugin")
     src = shutil.copytree(EXAMPLE, base / "src")  # build in a copy: nothing is written into the repository
     target = base / "site"
     res = subprocess.run(
@@ -49,19 +48,32 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-@pytest.fixture(scope="module")
-def plugin_run(site: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path, Path]:
-    """(the process, its config, its run folder) of `ae-repr run` of the plug-in's variant, through a pipe."""
-    tmp = tmp_path_factory.mktemp("plugin_run")
+def _plugin_run(factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, Path, Path]:
+    """(site, the process, its config, its run folder) of `ae-repr run` of the plug-in's variant, through a pipe."""
+    tmp = factory.mktemp("plugin_run")
+    env = _env(_install(tmp), background.environ())
     cfg = yaml.safe_load((ROOT / "configs" / "quick.yaml").read_text())
     cfg["models"].update(latent_dim=4, backbone="mlp", overrides={"sparse_ae": {"hidden": [32], "sparsity": 0.05}})
     cfg["eval"].update(applications=["anomaly", "generation", "rate_distortion"], fewshot_k=[1], finetune_epochs=1)
     config = tmp / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg))
     out = tmp / "run"
-    res = _cli(_env(site), "run", "--config", str(config), "--variants", "sparse_ae", "--no-tracking", "--out", str(out))
+    res = _cli(env, "run", "--config", str(config), "--variants", "sparse_ae", "--no-tracking", "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
-    return res, config, out
+    return tmp / "site", res, config, out
+
+
+background.register("plugin_run", _plugin_run)  # started as the session starts; these tests run last
+
+
+@pytest.fixture
+def plugin_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, Path, Path]:
+    return background.result("plugin_run", tmp_path_factory)
+
+
+@pytest.fixture
+def site(plugin_run) -> Path:
+    return plugin_run[0]
 
 
 def test_plugin_variant_runs_end_to_end(site: Path, plugin_run, tmp_path: Path) -> None:
@@ -70,7 +82,7 @@ def test_plugin_variant_runs_end_to_end(site: Path, plugin_run, tmp_path: Path) 
     without = _cli(_env(tmp_path), "train", "--variant", "sparse_ae", "--out", str(tmp_path / "x"))
     assert without.returncode == 2 and "sparse_ae" in without.stderr  # and not before
 
-    _, _, out = plugin_run
+    _, _, _, out = plugin_run
     summary = pd.read_parquet(out / "summary.parquet")
     mine = summary[summary["representation"] == "sparse_ae"]
     metrics = set(zip(mine["task"], mine["metric"], strict=True))
@@ -98,7 +110,7 @@ def test_cli_run_prints_progress_lines_up_to_the_planned_total_instead_of_bare_p
     from ae_repr.config import load_config
     from flows.pretrain_and_probe import planned_tasks
 
-    res, config, _ = plugin_run
+    _, res, config, _ = plugin_run
     monkeypatch.syspath_prepend(str(site))  # the plug-in's entry point, for this test only
     variants.registry.cache_clear()
     try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import background
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +69,7 @@ def services_cli(state: Path, env: dict[str, str], *args: str) -> subprocess.Com
 
 def start_services(state: Path) -> Services:
     """`services.py start` with its state in `state`; every process group it records is in `groups`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env = {k: v for k, v in background.environ().items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(svc.QUIET, PREFECT_HOME=str(state / "client"), PYTHONUNBUFFERED="1",
                PREFECT_WORKER_QUERY_SECONDS="2")  # the worker polls every 2 s instead of 10
     res = services_cli(state, env, "start", "--prefect-port", str(svc.free_port()),

@@ -16,6 +16,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -35,10 +36,10 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _config(tmp: Path) -> Path:
+def _config(tmp: Path, **tracking: Any) -> Path:
     """The quick config with tracking on, two variants, one epoch and one baseline."""
     cfg = yaml.safe_load((ROOT / "configs" / "quick.yaml").read_text())
-    cfg["tracking"] = {"enabled": True}
+    cfg["tracking"] = {"enabled": True, **tracking}
     cfg["models"]["variants"] = list(VARIANTS)
     cfg["train"]["epochs"] = 1
     cfg.setdefault("eval", {})["baselines"] = ["pca"]
@@ -116,7 +117,8 @@ def test_ui_shows_variant_and_baseline_runs_and_metrics(tracked_run: TrackedRun,
 def test_unreachable_server_fails_fast_before_training(tmp_path):
     out = tmp_path / "out"
     start = time.monotonic()
-    proc = subprocess.run([str(BIN / "ae-repr"), "run", "--config", str(_config(tmp_path)), "--out", str(out)],
+    cfg = _config(tmp_path, connect_timeout_s=2)  # 2 s for the server to answer (10 by default: it may be starting)
+    proc = subprocess.run([str(BIN / "ae-repr"), "run", "--config", str(cfg), "--out", str(out)],
                           env=_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{svc.free_port()}"), capture_output=True,
                           text=True, timeout=60, cwd=tmp_path)
     elapsed = time.monotonic() - start
@@ -124,6 +126,7 @@ def test_unreachable_server_fails_fast_before_training(tmp_path):
     assert elapsed < 30, f"took {elapsed:.1f}s"
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "unreachable" in lines[0] and lines[0].startswith("ae-repr: error: MLflow"), lines
+    assert "after 2s" in lines[0], lines
     assert not (out / "models").exists()
 
 

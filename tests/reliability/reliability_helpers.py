@@ -65,9 +65,10 @@ def write_config(path: Path, extra: dict | None = None) -> Path:
     return path
 
 
-def cli_env() -> dict[str, str]:
-    """The environment every CLI subprocess runs with: no telemetry, no progress bars, one thread each."""
-    env = dict(os.environ)
+def cli_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment every CLI subprocess runs with (`base`, by default this process's): no telemetry, no
+    progress bars, one thread each."""
+    env = dict(os.environ if base is None else base)
     env.update(
         DO_NOT_TRACK="1",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -83,18 +84,20 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def run_cli(*args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 180,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `ae-repr ARGS` to completion; stdout and stderr captured as text."""
     return subprocess.run(
-        [*CLI, *map(str, args)], cwd=cwd or ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout
+        [*CLI, *map(str, args)], cwd=cwd or ROOT, env=cli_env(env), capture_output=True, text=True, timeout=timeout
     )
 
 
-def start_cli(*args: str | os.PathLike[str], cwd: Path | None = None, log: Path | None = None) -> subprocess.Popen:
+def start_cli(*args: str | os.PathLike[str], cwd: Path | None = None, log: Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `ae-repr ARGS` in its own process group; output goes to `log` (stdout and stderr together)."""
     with open(log if log is not None else os.devnull, "w") as out:  # the child keeps its own copy
         return subprocess.Popen(
-            [*CLI, *map(str, args)], cwd=cwd or ROOT, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
+            [*CLI, *map(str, args)], cwd=cwd or ROOT, env=cli_env(env), stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 

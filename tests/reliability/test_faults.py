@@ -11,7 +11,9 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import background
 import pandas as pd
 import pytest
 from reliability_helpers import (
@@ -60,6 +62,7 @@ def tmp_files(folder: Path) -> list[Path]:
 EPOCHS = 12
 
 
+@pytest.mark.background  # CLI processes only: runs from the session's start
 def test_sigkill_during_training_resumes_from_the_checkpoint(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "train.yaml", {"train": {"batch_size": 64, "checkpoint_every_s": 0}})
     out = tmp_path / "run"
@@ -96,6 +99,7 @@ def test_sigkill_during_training_resumes_from_the_checkpoint(tmp_path: Path) -> 
 # ---------------------------------------------------------------------------------------------- divergence
 
 
+@pytest.mark.background  # CLI processes only: runs from the session's start
 def test_diverging_training_fails_with_one_line_naming_variant_epoch_and_term(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "diverge.yaml", {"train": {"lr": 1e30, "epochs": 3}})
     out = tmp_path / "run"
@@ -109,6 +113,7 @@ def test_diverging_training_fails_with_one_line_naming_variant_epoch_and_term(tm
 # ---------------------------------------------------------------------------------------------- garbage files
 
 
+@pytest.mark.background  # CLI processes only: runs from the session's start
 def test_garbage_checkpoint_and_model_files_are_not_a_crash(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "train.yaml", {"train": {"epochs": 2}})
     out = tmp_path / "run"
@@ -155,32 +160,64 @@ def lock_is_free(out: Path) -> bool:
     return False
 
 
-@pytest.mark.slow
-def test_second_run_into_the_same_folder_is_refused_and_a_diverging_variant_fails_alone(tmp_path: Path) -> None:
-    """Two checks on one flow run (a run costs tens of seconds here): the folder lock, and divergence in the flow.
-
-    vae's beta is beyond float32, so its loss is infinite at epoch 1; ae must still finish and be reported.
-    """
-    cfg = write_config(tmp_path / "run.yaml", {"models": {"overrides": {"vae": {"hidden": [32], "beta": 1e39}}}})
-    out = tmp_path / "run"
+def _two_runs_into_one_folder(factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The processes of the lock and divergence test (a run costs tens of seconds here, so they start with the
+    session: tests/background.py): a run whose vae diverges, a second run into its folder while the first holds
+    the lock (the first is stopped with SIGSTOP meanwhile, so it cannot finish before the second starts), then a
+    third run killed while it holds the lock. Returns what the test checks."""
+    tmp, env = factory.mktemp("two_runs"), background.environ()
+    # vae's beta is beyond float32, so its loss is infinite at epoch 1; ae must still finish and be reported
+    cfg = write_config(tmp / "run.yaml", {"models": {"overrides": {"vae": {"hidden": [32], "beta": 1e39}}}})
+    out = tmp / "run"
     args = ["run", "--config", cfg, "--variants", "ae,vae", "--epochs", "1", "--no-tracking", "--out", out]
-    first = start_cli(*args, log=tmp_path / "first.log")
+    first = start_cli(*args, log=tmp / "first.log", env=env)
     try:
         wait_for(lambda: lock_holder(out) == first.pid or first.poll() is not None, 180, "the first run's lock")
-        assert first.poll() is None, f"the first run ended early:\n{tail(tmp_path / 'first.log')}"
-
-        started = time.monotonic()
-        second = run_cli(*args, timeout=120)
-        line = assert_one_line_error(second, 2, str(out), "using this folder", str(first.pid))
-        assert time.monotonic() - started < 60, "the second run was not refused at once"
-        assert "--out" in line
-
+        assert first.poll() is None, f"the first run ended early:\n{tail(tmp / 'first.log')}"
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            second = run_cli(*args, timeout=120, env=env)
+            first_held_on = first.poll() is None and lock_holder(out) == first.pid
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         code = first.wait(timeout=420)
     finally:
         kill_group(first)
-    log = tail(tmp_path / "first.log")
-    assert code == 1, f"the run with a diverged variant must exit 1, got {code}\n{log}"
-    assert lock_is_free(out), "the lock outlived the run"
+    found = {"out": out, "first_pid": first.pid, "first_code": code, "first_log": tail(tmp / "first.log"),
+             "second": second, "first_held_on": first_held_on, "lock_free_after_first": lock_is_free(out)}
+
+    # a holder that crashes leaves a stale lock, which the next run takes over
+    third = start_cli(*args, log=tmp / "third.log", env=env)
+    try:
+        wait_for(lambda: lock_holder(out) == third.pid or third.poll() is not None, 180, "the third run's lock")
+        assert third.poll() is None, f"the third run could not start:\n{tail(tmp / 'third.log')}"
+        found["lock_free_while_third_runs"] = lock_is_free(out)
+    finally:
+        kill_group(third)
+    return {**found, "third_code": third.returncode, "lock_free_after_third": lock_is_free(out)}
+
+
+background.register("two_runs_into_one_folder", _two_runs_into_one_folder)
+
+
+@pytest.fixture
+def two_runs_into_one_folder(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return background.result("two_runs_into_one_folder", tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_second_run_into_the_same_folder_is_refused_and_a_diverging_variant_fails_alone(
+    two_runs_into_one_folder: dict[str, Any],
+) -> None:
+    """Two checks on one flow run: the folder lock, and divergence in the flow (vae's beta is beyond float32)."""
+    found = two_runs_into_one_folder
+    out = found["out"]
+    line = assert_one_line_error(found["second"], 2, str(out), "using this folder", str(found["first_pid"]))
+    assert found["first_held_on"], "the first run let go of the lock before the second was refused"
+    assert "--out" in line
+    assert found["first_code"] == 1, f"the run with a diverged variant must exit 1, got {found['first_code']}\n" \
+                                     f"{found['first_log']}"
+    assert found["lock_free_after_first"], "the lock outlived the run"
 
     # the first run completed: ae evaluated and summarized, vae marked as failed with the reason
     summary = pd.read_parquet(out / "summary.parquet")
@@ -191,17 +228,11 @@ def test_second_run_into_the_same_folder_is_refused_and_a_diverging_variant_fail
     assert (out / "models" / "ae" / "model.pt").is_file() and (out / "features" / "ae.parquet").is_file()
     assert not (out / "models" / "vae" / "model.pt").exists()
 
-    # a holder that crashes leaves a stale lock, which the next run takes over
-    third = start_cli(*args, log=tmp_path / "third.log")
-    try:
-        wait_for(lambda: lock_holder(out) == third.pid or third.poll() is not None, 180, "the third run's lock")
-        assert third.poll() is None, f"the third run could not start:\n{tail(tmp_path / 'third.log')}"
-        assert not lock_is_free(out)
-    finally:
-        kill_group(third)
-    assert third.returncode == -signal.SIGKILL
-    assert lock_is_free(out), "the lock of a killed run still counts as held"
-    with exclusive_lock(out):  # and the next run takes it over
+    # the killed third run's lock is stale: it does not count as held, and the next run takes it over
+    assert not found["lock_free_while_third_runs"]
+    assert found["third_code"] == -signal.SIGKILL
+    assert found["lock_free_after_third"], "the lock of a killed run still counts as held"
+    with exclusive_lock(out):
         assert lock_holder(out) == os.getpid()
 
 

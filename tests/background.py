@@ -1,0 +1,105 @@
+"""Set-ups that spend tens of seconds in other processes (the e2e services with their deployment run, the
+plug-in's `ae-repr run`, the harness's Prefect server) start on background threads when the session starts, so
+that they overlap the in-process tests instead of adding to them; the tests that read them run last (the root
+conftest orders them).
+
+A set-up is registered under the name of the fixture that returns it; its failure fails the tests that ask for it,
+where they ask (the exception is raised again there), never the session. A whole test can run that way too: one
+marked `background` (its only argument `tmp_path`; no monkeypatch, no capture) runs on a background thread from
+the session's start, and its test item, run last, waits for it and reports its outcome.
+
+They run beside tests that change the environment (monkeypatch) and patch modules: a set-up builds its processes'
+environment from `environ()`, the environment as the session started, and imports nothing a test may patch
+(import it at collection instead).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+Builder = Callable[[pytest.TempPathFactory], Any]
+
+_builders: dict[str, Builder] = {}
+_started: dict[str, Future] = {}
+_pool: ThreadPoolExecutor | None = None
+_environ: dict[str, str] = {}
+
+
+def environ() -> dict[str, str]:
+    """A copy of the environment as the session started (before any test changed it)."""
+    return dict(_environ or os.environ)
+
+
+def register(name: str, build: Builder) -> None:
+    """`build(tmp_path_factory)` is the set-up behind fixture `name` (called at most once per session)."""
+    _builders[name] = build
+
+
+def uses(item: pytest.Item) -> set[str]:
+    """The registered set-ups a test reads (directly or through other fixtures)."""
+    return set(getattr(item, "fixturenames", ())) & set(_builders)
+
+
+def is_body(item: pytest.Item) -> bool:
+    """A test whose body runs on a background thread (marked `background`)."""
+    if item.get_closest_marker("background") is None:
+        return False
+    args = tuple(inspect.signature(item.obj).parameters)
+    if args != ("tmp_path",):
+        raise pytest.UsageError(f"{item.nodeid}: a background test takes tmp_path alone, not {args}")
+    return True
+
+
+def last(items: list[pytest.Item]) -> None:
+    """Move the tests that read a set-up or run in the background to the end, keeping the order in both groups."""
+    late = [i for i in items if uses(i) or is_body(i)]
+    items[:] = [i for i in items if i not in late] + late
+
+
+def start(items: Iterable[pytest.Item], factory: pytest.TempPathFactory) -> None:
+    """Start every set-up one of `items` reads, each on its own thread."""
+    global _pool
+    _environ.update(_environ or os.environ)
+    wanted = sorted({name for item in items for name in uses(item)} - set(_started))
+    bodies = [item for item in items if is_body(item) and item.nodeid not in _started]
+    if not wanted and not bodies:
+        return
+    factory.getbasetemp()  # created here, once: threads creating it at once would each make their own
+    _pool = _pool or ThreadPoolExecutor(max_workers=len(wanted) + len(bodies), thread_name_prefix="background")
+    for name in wanted:
+        _started[name] = _pool.submit(_builders[name], factory)
+    for item in bodies:
+        _started[item.nodeid] = _pool.submit(item.obj, tmp_path=factory.mktemp(item.name[:30]))
+
+
+def run_body(item: pytest.Item) -> bool | None:
+    """For a background test: wait for its body and raise what it raised (True: the call is done); else None."""
+    if item.nodeid not in _started:
+        return None
+    _started[item.nodeid].result()
+    return True
+
+
+def result(name: str, factory: pytest.TempPathFactory) -> Any:
+    """What set-up `name` returned (waiting for it), or built now when nothing started it."""
+    if name not in _started:
+        _started[name] = Future()
+        try:
+            _started[name].set_result(_builders[name](factory))
+        except BaseException as e:
+            _started[name].set_exception(e)
+    return _started[name].result()
+
+
+def wait_all() -> None:
+    """Wait for every started set-up (whatever it returned or raised), so that nothing outlives the session."""
+    for future in _started.values():
+        future.exception()
+    if _pool is not None:
+        _pool.shutdown(wait=True)
