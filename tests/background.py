@@ -57,9 +57,10 @@ def is_body(item: pytest.Item) -> bool:
 
 
 def last(items: list[pytest.Item]) -> None:
-    """Move the tests that read a set-up or run in the background to the end, keeping the order in both groups."""
-    late = [i for i in items if uses(i) or is_body(i)]
-    items[:] = [i for i in items if i not in late] + late
+    """Move the tests that read a set-up or run in the background to the end: the background tests first, then the
+    readers of each set-up together (a set-up may stop after its last reader), otherwise in collection order."""
+    late = sorted((i for i in items if uses(i) or is_body(i)), key=lambda i: sorted(uses(i)))
+    items[:] = [i for i in items if not (uses(i) or is_body(i))] + late
 
 
 def start(items: Iterable[pytest.Item], factory: pytest.TempPathFactory) -> None:
