@@ -3,21 +3,46 @@ on a background thread with the session (tests/background.py): its start-up cost
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 from unittest import mock
 
 import background
+import prefect
 import pytest
 from prefect.server.api.server import SubprocessASGIServer
-from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
 from prefect.testing.utilities import _find_available_port, prefect_test_harness
 
 
 def _harness_server(factory: pytest.TempPathFactory) -> SubprocessASGIServer:
-    """The harness's API server on a free port, with its database in a temporary folder, started and healthy."""
+    """The harness's API server on a free port, with its database in a temporary folder, started and healthy.
+
+    The command is the one `SubprocessASGIServer.start` runs, with the session's starting environment: on this
+    thread nothing may read `os.environ`, which pytest changes at every test (PYTEST_CURRENT_TEST)."""
+    server = SubprocessASGIServer(port=_find_available_port())
     db = factory.mktemp("prefect-harness") / "prefect.db"
-    with temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}"}):
-        server = SubprocessASGIServer(port=_find_available_port())
-        server.start(timeout=120)
+    env = {**background.environ(), "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(server.port),
+         "--log-level", "error", "--lifespan", "on"], env=env)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{server.api_url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the harness's Prefect server did not start (exit code {proc.poll()})")
+        time.sleep(0.2)
+    server.server_process, server.running = proc, True  # the harness finds it running, and stops it
     return server
 
 

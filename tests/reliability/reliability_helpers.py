@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import background
 import numpy as np
 import yaml
 
@@ -66,9 +67,9 @@ def write_config(path: Path, extra: dict | None = None) -> Path:
 
 
 def cli_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment every CLI subprocess runs with (`base`, by default this process's): no telemetry, no
-    progress bars, one thread each."""
-    env = dict(os.environ if base is None else base)
+    """The environment every CLI subprocess runs with (`base`, by default the session's starting one: background
+    tests call this beside tests that change `os.environ`): no telemetry, no progress bars, one thread each."""
+    env = background.environ() if base is None else dict(base)
     env.update(
         DO_NOT_TRACK="1",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
