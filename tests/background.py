@@ -8,9 +8,11 @@ where they ask (the exception is raised again there), never the session. A whole
 marked `background` (its only argument `tmp_path`; no monkeypatch, no capture) runs on a background thread from
 the session's start, and its test item, run last, waits for it and reports its outcome.
 
-They run beside tests that change the environment (monkeypatch) and patch modules: a set-up builds its processes'
-environment from `environ()`, the environment as the session started, and imports nothing a test may patch
-(import it at collection instead).
+They run beside tests that change the environment and patch modules, so a background thread never reads
+`os.environ` (pytest rewrites it at every test, and tests monkeypatch it): it builds its processes' environment from
+`environ()`, the environment as the session started. It imports nothing a test may patch (import that at
+collection), and it does its heavy work in other processes (in-process work here raced the tests' `warnings` and
+module state).
 """
 
 from __future__ import annotations
