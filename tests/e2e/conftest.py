@@ -41,7 +41,6 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 def pytest_sessionfinish() -> None:
-    background.wait_all()
     _stop_stack()  # an interrupted session: whatever is still up
 
 

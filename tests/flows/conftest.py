@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from unittest import mock
 
@@ -15,6 +13,9 @@ import prefect
 import pytest
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.testing.utilities import _find_available_port, prefect_test_harness
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import services as svc  # noqa: E402  (scripts/ is not a package: its health check)
 
 
 def _harness_server(factory: pytest.TempPathFactory) -> SubprocessASGIServer:
@@ -30,18 +31,11 @@ def _harness_server(factory: pytest.TempPathFactory) -> SubprocessASGIServer:
         [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(server.port),
          "--log-level", "error", "--lifespan", "on"], env=env)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{server.api_url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the harness's Prefect server did not start (exit code {proc.poll()})")
-        time.sleep(0.2)
+    try:
+        svc.wait_http(f"{server.api_url}/health", proc, timeout=180)
+    except BaseException:
+        proc.kill()
+        raise
     server.server_process, server.running = proc, True  # the harness finds it running, and stops it
     return server
 
