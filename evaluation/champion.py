@@ -31,7 +31,7 @@ from ae_repr.data.dataset import stratified_split
 from ae_repr.io import FeatureFile
 
 from .inputs import dataset_of, labels, split_mask
-from .probe import fit_frozen_head
+from .probe import cv_rows, fit_frozen_head
 
 log = logging.getLogger(__name__)
 CONFIDENCE = 0.95  # of the intervals a decision reports (as evaluation.intervals)
@@ -147,7 +147,7 @@ def paired_probe_test(
     Cs = cfg.probe_c_grid if np.unique(y[fit], return_counts=True)[1].min() >= 2 else (cfg.fewshot_c,)
     correct = []
     for z in (z_new, z_champion):
-        head = fit_frozen_head(z[fit], y[fit], Cs=Cs, folds=cfg.probe_folds, seed=seed, cv_max_rows=cfg.probe_cv_max_rows)
+        head = fit_frozen_head(z[fit], y[fit], Cs=Cs, folds=cfg.probe_folds, seed=seed, cv_max_rows=cv_rows(cfg, z.shape[1]))
         correct.append(head.predict(z[val]) == y[val])
     test = mcnemar_exact(*correct, alpha=cfg.promotion_alpha)
     log.info("%s: %s", ff.name, test.describe())

@@ -18,9 +18,11 @@ reproducible with plain scikit-learn from a feature file::
 
 `seed` is the evaluation seed (0 by default). When the smallest train class has fewer members than
 `probe_folds`, n_splits drops to that count; below 2 there is no search and C = `fewshot_c`. With more than
-`probe_cv_max_rows` (5000) train rows, the search runs on `train_test_split(np.arange(n), train_size=5000,
+`m = cv_rows(cfg, d)` train rows, the search runs on `train_test_split(np.arange(n), train_size=m,
 stratify=y[tr], random_state=seed)[0]` of them (`refit=False`), and the head with its best C is fitted on every
-train row: the search's cost stops growing with the data (digits' 1347 train rows are all searched).
+train row: the search's cost stops growing with the data. `m` is `probe_cv_max_rows` (5000), or fewer for wide
+features, `probe_cv_max_values // d` (2,500,000 values) but at least 500: 610 rows of raw 64x64 pixels
+(d = 4096). Digits' 1347 train rows are all searched.
 
 kNN (task `knn`): `KNeighborsClassifier(n_neighbors=n, metric="cosine")` fitted on the train rows'
 features as stored (no scaling); test accuracy is reported once per neighbour count n in
@@ -95,12 +97,21 @@ def fit_frozen_head(
     return model
 
 
+CV_MIN_ROWS = 500  # the fewest rows the C search gets however wide the features (when the data has them)
+
+
+def cv_rows(cfg: EvalConfig, n_features: int) -> int:
+    """Train rows the C search runs on at most, for `n_features`-wide features: `probe_cv_max_rows`, or fewer
+    (`probe_cv_max_values` // n_features, at least CV_MIN_ROWS) where the features are wide."""
+    return min(cfg.probe_cv_max_rows, max(CV_MIN_ROWS, cfg.probe_cv_max_values // max(1, n_features)))
+
+
 def linear_probe(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFrame:
     """Test accuracy and macro-F1 of a CV-tuned logistic head on the train split's frozen features."""
     z, y = ff.z, labels(ff)
     tr, te = split_mask(ff, "train"), ordered_test_rows(ff)
     Cs = cfg.probe_c_grid if np.unique(y[tr], return_counts=True)[1].min() >= 2 else (cfg.fewshot_c,)
-    head = fit_frozen_head(z[tr], y[tr], Cs=Cs, folds=cfg.probe_folds, seed=seed, cv_max_rows=cfg.probe_cv_max_rows)
+    head = fit_frozen_head(z[tr], y[tr], Cs=Cs, folds=cfg.probe_folds, seed=seed, cv_max_rows=cv_rows(cfg, z.shape[1]))
     if len(Cs) > 1:
         log.info("%s: linear probe chose C=%g", ff.name, head.get_params()["logreg__C"] if isinstance(head, Pipeline)
                  else head.best_params_["logreg__C"])

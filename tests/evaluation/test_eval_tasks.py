@@ -199,3 +199,36 @@ def test_probe_chooses_c_on_a_bounded_subsample_and_fits_every_row():
     # at or below the bound: the plain search over every row, as before
     small = fit_frozen_head(x, y, Cs=Cs, folds=3, seed=4, cv_max_rows=600)
     assert isinstance(small, GridSearchCV) and small.n_splits_ == 3
+
+
+def test_wide_features_search_c_on_fewer_rows(tmp_path, caplog):
+    """The C search's rows shrink with the features' width (probe_cv_max_values), never below CV_MIN_ROWS; the
+    probe on a wide file then equals plain scikit-learn's search on the documented subsample, refitted on all."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from evaluation.probe import CV_MIN_ROWS, cv_rows
+
+    default = EvalConfig()
+    assert cv_rows(default, 16) == default.probe_cv_max_rows == 5000
+    assert cv_rows(default, 4096) == 2_500_000 // 4096 == 610  # raw 64x64 pixels
+    assert cv_rows(default, 100_000) == CV_MIN_ROWS
+    synth = make_synth(tmp_path, class_sizes=(300, 300, 300))  # 675 train rows of 16 features
+    cfg = EvalConfig(probe_c_grid=(0.001, 0.1, 10.0), probe_folds=3, probe_cv_max_values=16 * 540,
+                     bootstrap_samples=100)
+    assert cv_rows(cfg, 16) == 540
+    ff = read_features(write_ff(tmp_path / "wide.parquet", synth, synth.x))
+    with caplog.at_level(logging.INFO, logger="evaluation.probe"):
+        rows = linear_probe(ff, cfg, seed=2)
+    assert "C chosen by 3-fold CV on 540 of 675 rows" in caplog.text
+    tr, te = synth.train, synth.test
+    part = train_test_split(np.arange(tr.sum()), train_size=540, stratify=synth.y[tr], random_state=2)[0]
+    pipe = Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(max_iter=1000, random_state=2))])
+    search = GridSearchCV(pipe, {"logreg__C": list(cfg.probe_c_grid)},
+                          cv=StratifiedKFold(3, shuffle=True, random_state=2), scoring="accuracy")
+    best = search.fit(synth.x[tr][part], synth.y[tr][part]).best_params_
+    pred = pipe.set_params(**best).fit(synth.x[tr], synth.y[tr]).predict(synth.x[te])
+    accuracy = rows.set_index("metric").loc["accuracy", "value"]
+    assert accuracy == pytest.approx(float((pred == synth.y[te]).mean()))
