@@ -26,9 +26,15 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/ae-repr run --out $(OUT)
 
-# the MLflow UI test drives a headless browser: `browser` installs Debian's chromium when it is missing
+# the MLflow UI test drives a headless browser: `browser` installs Debian's chromium when it is missing.
+# Two pytest processes side by side, each with its own background set-ups (tests/background.py): the in-process
+# tests run one at a time, so one process left a core idle for half the run. TEST_SIDE's output follows the rest's.
+TEST_SIDE := tests/flows tests/e2e
 test: install browser
-	$(PY) -m pytest -q -m "not scenario"
+	@side=$$(mktemp); trap 'kill $$pid 2>/dev/null; rm -f $$side' EXIT; \
+	$(PY) -m pytest -q -m "not scenario" $(TEST_SIDE) > $$side 2>&1 & pid=$$!; \
+	$(PY) -m pytest -q -m "not scenario" tests $(TEST_SIDE:%=--ignore=%); rest=$$?; \
+	wait $$pid; code=$$?; echo "--- $(TEST_SIDE)"; cat $$side; exit $$(( rest || code ))
 
 # scenarios too heavy for `make test`'s budget (several runs at once, kills mid-run, a Ray cluster); CI runs both
 test-scenarios: install

@@ -8,6 +8,11 @@ where they ask (the exception is raised again there), never the session. A whole
 marked `background` (its only argument `tmp_path`; no monkeypatch, no capture) runs on a background thread from
 the session's start, and its test item, run last, waits for it and reports its outcome.
 
+A set-up that tests wait for early is registered `urgent` (the flow tests' Prefect server): its readers run
+first among the late tests. Every other set-up runs niced (NICE): the processes it starts inherit its thread's
+niceness, so they take what the foreground tests, the urgent set-ups and the background tests leave of the cores
+instead of slowing them (two test processes share the cores, see the Makefile).
+
 They run beside tests that change the environment and patch modules, so a background thread never reads
 `os.environ` (pytest rewrites it at every test, and tests monkeypatch it): it builds its processes' environment from
 `environ()`, the environment as the session started. It imports nothing a test may patch (import that at
@@ -19,17 +24,20 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
 
 Builder = Callable[[pytest.TempPathFactory], Any]
+NICE = 5  # niceness of the non-urgent set-ups' threads and of every process they start
 
 _builders: dict[str, Builder] = {}
+_urgent: set[str] = set()
 _started: dict[str, Future] = {}
-_pool: ThreadPoolExecutor | None = None
+_threads: list[threading.Thread] = []
 _environ: dict[str, str] = {}
 
 
@@ -38,9 +46,12 @@ def environ() -> dict[str, str]:
     return dict(_environ or os.environ)
 
 
-def register(name: str, build: Builder) -> None:
-    """`build(tmp_path_factory)` is the set-up behind fixture `name` (called at most once per session)."""
+def register(name: str, build: Builder, *, urgent: bool = False) -> None:
+    """`build(tmp_path_factory)` is the set-up behind fixture `name` (called at most once per session); an urgent
+    one runs at normal priority and its readers first among the late tests."""
     _builders[name] = build
+    if urgent:
+        _urgent.add(name)
 
 
 def uses(item: pytest.Item) -> set[str]:
@@ -59,26 +70,46 @@ def is_body(item: pytest.Item) -> bool:
 
 
 def last(items: list[pytest.Item]) -> None:
-    """Move the tests that read a set-up or run in the background to the end: the background tests first, then the
-    readers of each set-up together (a set-up may stop after its last reader), otherwise in collection order."""
-    late = sorted((i for i in items if uses(i) or is_body(i)), key=lambda i: sorted(uses(i)))
+    """Move the tests that read a set-up or run in the background to the end: the readers of urgent set-ups first,
+    then the background tests, then the readers of each other set-up together (a set-up may stop after its last
+    reader), otherwise in collection order."""
+    def rank(item: pytest.Item) -> tuple[int, list[str]]:
+        return (0 if uses(item) & _urgent else 1 if is_body(item) else 2), sorted(uses(item))
+
+    late = sorted((i for i in items if uses(i) or is_body(i)), key=rank)
     items[:] = [i for i in items if not (uses(i) or is_body(i))] + late
+
+
+def _spawn(fn: Callable[..., Any], *args: Any, nice: bool, **kwargs: Any) -> Future:
+    """`fn(*args, **kwargs)` on a thread of its own (niced when `nice`: so is every process it starts); its Future."""
+    future: Future = Future()
+
+    def target() -> None:
+        if nice:  # on Linux a thread's own niceness, inherited by the processes it forks
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            future.set_exception(e)
+
+    thread = threading.Thread(target=target, name=f"background-{getattr(fn, '__name__', 'set-up')}")
+    _threads.append(thread)
+    thread.start()
+    return future
 
 
 def start(items: Iterable[pytest.Item], factory: pytest.TempPathFactory) -> None:
     """Start every set-up one of `items` reads, each on its own thread."""
-    global _pool
     _environ.update(_environ or os.environ)
     wanted = sorted({name for item in items for name in uses(item)} - set(_started))
     bodies = [item for item in items if is_body(item) and item.nodeid not in _started]
     if not wanted and not bodies:
         return
     factory.getbasetemp()  # created here, once: threads creating it at once would each make their own
-    _pool = _pool or ThreadPoolExecutor(max_workers=len(wanted) + len(bodies), thread_name_prefix="background")
-    for name in wanted:
-        _started[name] = _pool.submit(_builders[name], factory)
+    for name in sorted(wanted, key=lambda n: n not in _urgent):
+        _started[name] = _spawn(_builders[name], factory, nice=name not in _urgent)
     for item in bodies:
-        _started[item.nodeid] = _pool.submit(item.obj, tmp_path=factory.mktemp(item.name[:30]))
+        _started[item.nodeid] = _spawn(item.obj, tmp_path=factory.mktemp(item.name[:30]), nice=False)
 
 
 def run_body(item: pytest.Item) -> bool | None:
@@ -104,5 +135,5 @@ def wait_all() -> None:
     """Wait for every started set-up (whatever it returned or raised), so that nothing outlives the session."""
     for future in _started.values():
         future.exception()
-    if _pool is not None:
-        _pool.shutdown(wait=True)
+    for thread in _threads:
+        thread.join()

@@ -13,7 +13,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # waiting OpenMP threads sleep instead of spinning: the suite runs several torch processes at once on few cores
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# prefect.main: Prefect sets up its logging when its API is first imported; here, with the session's stderr (first
+# imported inside a test under capsys, its console handler kept that test's stream, closed after the test)
 import background  # noqa: E402  (tests/ is on sys.path: this file's folder)
+import prefect.main  # noqa: E402, F401
 import pytest  # noqa: E402
 
 

@@ -67,14 +67,17 @@ def test_commands_of_one_run_refuse_data_rewritten_between_them(tmp_path: Path, 
     capsys.readouterr()
 
     assert main(["extract", "--model", str(run / "models" / "ae"), "--out", str(tmp_path / "again")]) == 1
-    (line,) = _err(capsys)
-    assert f"{data} changed during the run (sha256 {before[:12]} at start, {after[:12]} now)" in line, line
+    lines = _err(capsys)
+    assert len(lines) == 1, "\n".join(lines)
+    assert f"{data} changed during the run (sha256 {before[:12]} at start, {after[:12]} now)" in lines[0], lines
     assert not (tmp_path / "again").exists()
 
     features = sorted((run / "features").iterdir())
     assert main(["evaluate", "--features", str(run / "features"), "--out", str(tmp_path / "eval"),
                  "--config", str(cfg)]) == 1
-    (line,) = _err(capsys)
+    lines = _err(capsys)
+    assert len(lines) == 1, "\n".join(lines)
+    line = lines[0]
     assert f"{data} changed during the run (sha256 {before[:12]} at start, {after[:12]} now)" in line, line
     assert "re-run when it is no longer being written" in line
     assert sorted((run / "features").iterdir()) == features and not (tmp_path / "eval").exists()

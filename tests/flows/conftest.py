@@ -40,7 +40,7 @@ def _harness_server(factory: pytest.TempPathFactory) -> SubprocessASGIServer:
     return server
 
 
-background.register("prefect_harness", _harness_server)
+background.register("prefect_harness", _harness_server, urgent=True)  # the flow tests wait for it first
 
 
 @pytest.fixture(scope="session")
