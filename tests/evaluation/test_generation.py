@@ -473,10 +473,16 @@ def test_adaptive_nll_takes_the_minimum_when_the_error_is_small_and_the_cap_when
                          generator=_gen(1))
     assert (cheap.samples == 16).all()
     np.testing.assert_allclose(cheap.nll, nll_is(model, x, 16, generator=_gen(1)).double().numpy(), rtol=1e-6)
+    # the halving gap: the same draws' first half scored alone, by hand
+    lw = log_weights(model, x, 16, generator=_gen(1)).double()
+    half = (math.log(8) - torch.logsumexp(lw[:8], 0)).numpy()
+    np.testing.assert_allclose(cheap.half_nll, half, rtol=1e-6)
+    assert cheap.halving_gap == pytest.approx(half.mean() - cheap.nll.mean(), rel=1e-6)
     full = adaptive_nll(model, inputs, 40, EvalConfig(nll_samples_min=16, nll_samples=200, nll_mc_ratio=1e-9),
                         generator=_gen(1))
     assert (full.samples == 200).all()  # 16, 32, 64, 128, then the last 72
     assert full.mc_se < cheap.mc_se
+    assert 0 < full.halving_gap < cheap.halving_gap  # a perturbed posterior: more draws, a tighter bound
 
 
 def test_adaptive_nll_spends_samples_on_the_rows_whose_error_pays():
