@@ -26,7 +26,7 @@ from ae_repr.models import (
     inference_copy,
     model_config,
 )
-from ae_repr.models.backbones import DenseConv, make_decoder, make_encoder
+from ae_repr.models.backbones import DenseConv, SubpixelConvTranspose, make_decoder, make_encoder
 from ae_repr.variants import BUILTIN, registry, variant_names
 
 SHAPES = [(64,), (1, 8, 8)]
@@ -203,12 +203,26 @@ def test_dense_conv_matches_either_layer_in_channels_last() -> None:
         assert dense.weight.shape == (math.prod(shape), layer(x[:1]).numel())
 
 
+@pytest.mark.parametrize(("c_in", "c_out", "h", "w"), [(32, 1, 32, 32), (8, 2, 5, 7), (12, 3, 1, 1)])
+def test_subpixel_conv_computes_the_transposed_conv(c_in: int, c_out: int, h: int, w: int) -> None:
+    torch.manual_seed(c_in)
+    layer = torch.nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)
+    assert SubpixelConvTranspose.fits(layer)
+    assert not SubpixelConvTranspose.fits(torch.nn.ConvTranspose2d(c_in, c_in, 4, stride=2, padding=1))
+    assert not SubpixelConvTranspose.fits(torch.nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1))
+    x = torch.randn(5, c_in, h, w)
+    with torch.no_grad():
+        torch.testing.assert_close(SubpixelConvTranspose(layer)(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
 def test_inference_copy_keeps_large_convs() -> None:
     model = _model("vae", (1, 64, 64)).eval()
     kept = inference_copy(model)  # 4096 x 8192 entries for the first conv alone: above the bound
-    assert kept is not model and _convs(kept) == _convs(model)  # a copy: its convs go channels-last
-    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
-               for m in kept.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d))
+    # a copy: its convs go channels-last, the last transposed conv (8 -> 1 channel) becomes a sub-pixel conv
+    assert kept is not model and _convs(kept) == _convs(model) - 1
+    assert isinstance(kept.decoder[5], SubpixelConvTranspose) and isinstance(model.decoder[5], torch.nn.ConvTranspose2d)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in kept.modules()
+               if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d | SubpixelConvTranspose))
     z = torch.randn(3, 8)
     with torch.no_grad():
         torch.testing.assert_close(kept.decode(z), model.decode(z), atol=1e-5, rtol=1e-5)
@@ -216,4 +230,5 @@ def test_inference_copy_keeps_large_convs() -> None:
     model = build_model("vae", cfg, (1, 16, 16), "bernoulli", seed=0).eval()
     # 256 -> 2x8x8 and back: 32,768 entries each; 2x8x8 -> 32x4x4 and back: 65,536 each
     partly = inference_copy(model, max_entries=40_000)
-    assert _convs(partly) == 2 and isinstance(partly.encoder[0], DenseConv) and isinstance(partly.decoder[5], DenseConv)
+    assert _convs(partly) == 1 and isinstance(partly.encoder[0], DenseConv) and isinstance(partly.decoder[5], DenseConv)
+    assert isinstance(partly.decoder[3], SubpixelConvTranspose)  # 32 -> 2 channels: few outputs
