@@ -29,7 +29,7 @@ demo: install
 # the MLflow UI test drives a headless browser: `browser` installs Debian's chromium when it is missing.
 # Two pytest processes side by side, each with its own background set-ups (tests/background.py): the in-process
 # tests run one at a time, so one process left a core idle for half the run. TEST_SIDE's output follows the rest's.
-TEST_SIDE := tests/flows tests/e2e
+TEST_SIDE := tests/flows
 test: install browser
 	@side=$$(mktemp); trap 'kill $$pid 2>/dev/null; rm -f $$side' EXIT; \
 	$(PY) -m pytest -q -m "not scenario" $(TEST_SIDE) > $$side 2>&1 & pid=$$!; \

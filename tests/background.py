@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -85,7 +86,7 @@ def _spawn(fn: Callable[..., Any], *args: Any, nice: bool, **kwargs: Any) -> Fut
     future: Future = Future()
 
     def target() -> None:
-        if nice:  # on Linux a thread's own niceness, inherited by the processes it forks
+        if nice and sys.platform == "linux":  # there a thread's own niceness, inherited by the processes it forks
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
         try:
             future.set_result(fn(*args, **kwargs))
