@@ -167,7 +167,7 @@ class EvalConfig(_Frozen):
     probe_c_grid: tuple[float, ...] = Field((0.01, 0.1, 1.0, 10.0, 100.0), min_length=1)  # linear-probe C grid
     probe_folds: int = Field(5, ge=2)  # stratified CV folds on the train split for choosing C
     # C is chosen on a stratified subsample of at most this many train rows, then the head is fitted on all;
-    # wide features get fewer: at most probe_cv_max_values // features rows (but 500), so that raw 64x64 pixels
+    # wide features get fewer: probe_cv_max_values // features rows, never below 500, so that raw 64x64 pixels
     # (4096 features: 610 rows) cost the search what 5000 rows of 500 features do
     probe_cv_max_rows: int = Field(5000, ge=10)
     probe_cv_max_values: int = Field(2_500_000, ge=1000)
