@@ -400,8 +400,10 @@ def generation(ctx: AppContext) -> TaskOutput:
             f"{cfg.nll_samples}), likelihood {lik}, nats per example in the data's units"
             f"{' (Jacobian of the normalization included)' if jac else ''}; importance-sampling standard error "
             f"{mc_se:.3g} nats, estimated bias of the bound {est.bias:.3g} nats (delta method); from half the "
-            f"draws to all of them the estimate fell by {est.halving_gap:.3g} nats: the bound is likely still at "
-            "least that much above the true NLL (as much when its looseness shrinks like 1/draws, more when slower)"
+            "draws to all of them the estimate "
+            + (f"fell by {est.halving_gap:.3g} nats: the bound is likely still at least that much above the true NLL "
+               "(as much when its looseness shrinks like 1/draws, more when slower)" if est.halving_gap > 0 else
+               f"did not fall ({est.halving_gap:+.3g} nats, within its sampling noise)")
         )
         log.info("%s: nll_is %.2f nats (%.3f bits/dim, MC s.e. %.3g, %.3g below half the draws' estimate), elbo %.2f",
                  name, nll, nll / (model.input_dim * math.log(2)), mc_se, est.halving_gap, elbo)
