@@ -9,7 +9,9 @@ with probability `inpaint_random_p`. The masks come from `numpy.random.default_r
 kind's index in `MASK_KINDS`. The hidden entries start at the train mean (normalized space) and
 `inpaint_iters` times x <- m * x_obs + (1 - m) * reconstruct(x), the clamped-observation iteration of
 Rezende et al. 2014, "Stochastic Backpropagation and Approximate Inference in Deep Generative Models"
-(data imputation), with the deterministic reconstruction in place of a posterior draw. Metrics, in normalized space over hidden entries only:
+(data imputation), with the deterministic reconstruction in place of a posterior draw; a row whose step
+moved none of its entries by more than `FIXED_POINT_TOL` (1e-6) sits at its fixed point and stops there
+(further steps would leave it as it is). Metrics, in normalized space over hidden entries only:
 `mse_masked_<kind>` per kind, and `mse_masked` over the hidden entries of all kinds together.
 Baselines: "mean_image" (the train mean, no iteration) and "pca" (reconstruct = PCA(k)'s projection,
 fitted on the train rows, iterated the same way).
@@ -37,6 +39,9 @@ MASK_KINDS = ("block", "random")
 Reconstruct = Callable[[np.ndarray], np.ndarray]
 _SHOWN = 8  # rows kept as pictures
 _BATCH = 512  # rows per forward pass
+# a row's fill has converged once a step moves none of its entries by more than this (normalized units): on
+# dSprites every row of a 2-epoch VAE got there within 7 of the 10 steps (its MSEs moved by under 1e-7 of themselves)
+FIXED_POINT_TOL = 1e-6
 
 
 def make_masks(
@@ -64,12 +69,22 @@ def make_masks(
 def iterative_fill(
     x_obs: np.ndarray, mask: np.ndarray, reconstruct: Reconstruct, init: np.ndarray, iters: int
 ) -> np.ndarray:
-    """Hidden entries (mask 0) start at `init` and are replaced by `reconstruct(x)` `iters` times."""
+    """Hidden entries (mask 0) start at `init` and are replaced by `reconstruct(x)` `iters` times.
+
+    `reconstruct` must map each row on its own (as a model in eval mode and a projection do): a row whose
+    step moved no entry by more than `FIXED_POINT_TOL` has reached its fixed point and leaves the iteration,
+    so later steps run on the rows still moving only."""
     observed = mask > 0
     x = np.where(observed, x_obs, init).astype(np.float32)
+    moving = np.arange(len(x))
     for _ in range(iters):
+        if not len(moving):
+            break
         # np.where rather than m * x_obs + (1 - m) * r: observed entries stay bit-exact even if r is inf
-        x = np.where(observed, x_obs, reconstruct(x)).astype(np.float32)
+        step = np.where(observed[moving], x_obs[moving], reconstruct(x[moving])).astype(np.float32)
+        change = np.abs(step - x[moving]).reshape(len(moving), -1).max(axis=1, initial=0.0)
+        x[moving] = step
+        moving = moving[~(change <= FIXED_POINT_TOL)]  # a NaN change keeps its row moving, as before
     return x
 
 
@@ -116,8 +131,9 @@ def _protocol_note(ctx: AppContext, who: str) -> str:
     n = len(subsample(ctx.ff, "test", cfg.inpaint_max_rows, ctx.seed))
     return (
         f"{who}: inpainting of {n} test rows, masks {', '.join(cfg.inpaint_masks)} (block side "
-        f"{cfg.inpaint_block:g}, random p {cfg.inpaint_random_p:g}), {cfg.inpaint_iters} iterations from the "
-        "train mean; MSE over hidden entries in normalized space."
+        f"{cfg.inpaint_block:g}, random p {cfg.inpaint_random_p:g}), at most {cfg.inpaint_iters} iterations from the "
+        f"train mean (a row stops at its fixed point: no entry moved over {FIXED_POINT_TOL:g}); MSE over hidden "
+        "entries in normalized space."
     )
 
 

@@ -19,6 +19,7 @@ from ae_repr.config import EvalConfig, TrainConfig
 from ae_repr.data import Normalizer, load_dataset
 from ae_repr.io import read_features
 from ae_repr.models import Autoencoder, build_model, model_config
+from evaluation import inpainting as inpainting_module
 from evaluation.anomaly import anomaly, anomaly_baselines
 from evaluation.augmentation import augmentation, episode_generator, neighbours
 from evaluation.context import AppContext, make_context
@@ -307,6 +308,35 @@ def test_iterative_fill_identity_oracle_and_observed_entries():
     noisy = iterative_fill(x_obs, mask, lambda x: rng.normal(size=x.shape) * 1e3, init, iters=4)
     np.testing.assert_array_equal(noisy[~hidden], truth[~hidden])
     assert np.abs(noisy[hidden] - truth[hidden]).min() > 0  # the hidden ones did change
+
+
+def test_iterative_fill_stops_each_row_at_its_fixed_point(monkeypatch):
+    """Rows 0-1 are fixed points of the map from the start, rows 2-4 halve their distance to 1 each step:
+    the first leave after one step, the others once a step moves them by at most FIXED_POINT_TOL, and the
+    result is what running every step on every row gives, to that tolerance."""
+    calls = []
+
+    def reconstruct(x: np.ndarray) -> np.ndarray:  # row-wise: the first (observed) entry says which map
+        calls.append(len(x))
+        return np.where(x[:, :1] > 0, x, 0.5 * x + 0.5)
+
+    x_obs = np.zeros((5, 4), dtype=np.float32)
+    x_obs[:, 0] = [1, 1, -1, -1, -1]
+    mask = np.zeros((5, 4), dtype=np.float32)
+    mask[:, 0] = 1
+    init = np.zeros(4, dtype=np.float32)
+    early = iterative_fill(x_obs, mask, reconstruct, init, iters=60)
+    assert calls[:2] == [5, 3] and set(calls[1:]) == {3}
+    assert len(calls) < 60  # stopped: float32 halvings reach the tolerance in about 20 steps
+    steps, tol = len(calls), inpainting_module.FIXED_POINT_TOL
+    monkeypatch.setattr(inpainting_module, "FIXED_POINT_TOL", -1.0)  # never settled: every step on every row
+    calls.clear()
+    full = iterative_fill(x_obs, mask, reconstruct, init, iters=60)
+    assert calls == [5] * 60
+    np.testing.assert_allclose(early, full, atol=2 * tol)
+    np.testing.assert_array_equal(early[:2, 1:], 0.0)  # the fixed rows kept their start
+    assert np.abs(early[2:, 1:] - 1.0).max() <= 2 * tol
+    assert steps > 10  # the moving rows did not stop after the fixed ones left
 
 
 def test_inpainting_mse_counts_only_hidden_entries(tmp_path):
