@@ -313,7 +313,7 @@ def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
     cfg = with_applications(_load_cfg(args), args.applications).with_seeds(args.seeds)
     cfg = cfg.with_orchestration(executor=args.executor, ray_address=args.ray_address)
     _check_dataset(cfg.data.dataset)
-    from flows.pretrain_and_probe import trainings_at_once
+    from flows.plan import trainings_at_once
 
     from .memory import check_dataset_fits
 

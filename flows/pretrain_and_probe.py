@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import defaultdict
@@ -54,13 +53,13 @@ from evaluation.variant_plots import variant_plots
 
 from .crashed import settle_flow_run
 from .executor import Executor, running_on, task_logging
+from .plan import TASK_WORKERS, beta_sweep, threads_per_task, trainings_at_once
 from .progress_log import epoch_reporter, task_started
 from .tracking import Recorder, example_rows
 
 FLOW_NAME = "pretrain-and-probe"
 TIMINGS = "timings.json"
 PINNED_DATA = "data.json"  # the data set a run started with (spec and content digest): every stage checks it
-TASK_WORKERS = 2  # task runs side by side in one flow run (threads)
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 EpochLog = Callable[[dict[str, float], int], None]  # the trainer's per-epoch metrics callback
@@ -362,20 +361,8 @@ def default_out(cfg: ExperimentConfig) -> Path:
     return Path("runs") / cfg.data.dataset.replace(":", "_").replace("/", "_")
 
 
-def trainings_at_once(cfg: ExperimentConfig) -> int:
-    """Models that may train side by side in one process: the thread pool's task runs (a Ray task holds one)."""
-    if cfg.orchestration.executor == "ray":
-        return 1
-    return min(TASK_WORKERS, len(grid_members(cfg)) + len(beta_sweep(cfg)))
 
 
-def threads_per_task() -> int:
-    """Torch threads for each task thread: the process's cores shared by the task runs side by side.
-
-    Each Python thread that calls torch gets its own OpenMP team of torch's thread count: two task runs
-    with two threads each on two cores ran training steps 4x slower (measured on digits) than with one.
-    """
-    return max(1, len(os.sched_getaffinity(0)) // TASK_WORKERS)
 
 
 @flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=TASK_WORKERS), log_prints=True)
@@ -528,9 +515,6 @@ def _extract(m: Member, out_dir: Path, trained: PrefectFuture, run_id: str | Non
         m.variant, m.cfg, str(out_dir), trained, meta or None, m.name if m.in_grid else None)
 
 
-def beta_sweep(cfg: ExperimentConfig) -> tuple[float, ...]:
-    """The betas of the rate-distortion sweep, when the sweep applies (rate_distortion on, betas given)."""
-    return cfg.eval.rd_betas if "rate_distortion" in cfg.eval.applications else ()
 
 
 def _evaluate(name: str, feature_path: str, cfg: ExperimentConfig, out_dir: Path,
