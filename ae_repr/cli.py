@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -346,22 +347,20 @@ def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
             executor.check_start(cfg, out)
         api_ready()
         return run_local(cfg, out, progress="off" if args.quiet else "live" if sys.stdout.isatty() else "plain",
-                         debug=args.debug)
+                         debug=args.debug, launched=args.launched)
 
 
 def run_local(cfg: ExperimentConfig, out: Path, progress: Literal["live", "plain", "off"] = "plain",
-              debug: bool = False) -> int:
+              debug: bool = False, launched: float | None = None) -> int:
     """`ae-repr run`: the flow in-process with its progress (`live`, `plain` or `off`), then where its outputs are;
-    returns the exit code."""
-    import time
-
+    returns the exit code. `launched` (epoch seconds): when the command started, where its start-up is counted from."""
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
     from flows.early_api import startup_timeout
     from flows.pretrain_and_probe import TIMINGS, planned_tasks, pretrain_and_probe
     from flows.progress_log import showing_progress
 
-    started = time.time()
+    started = time.time() if launched is None else launched
     (out / TIMINGS).unlink(missing_ok=True)
     with (temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup_timeout()}),
           showing_progress(planned_tasks(cfg), epochs=cfg.train.epochs, max_steps=cfg.train.max_steps,
@@ -404,7 +403,8 @@ def mlflow_hint(cfg: ExperimentConfig, out: Path) -> str:
 
 
 def timing_line(path: Path, started: float) -> str | None:
-    """One line: start-up (until the flow body ran) and busy seconds per phase, from the run's timings file."""
+    """One line: start-up (from `started` until the flow body ran) and busy seconds per phase, from the run's
+    timings file."""
     from .io import read_json
 
     if not path.is_file():
@@ -486,10 +486,12 @@ def _cmd_log_run(args: argparse.Namespace, created: list[Path]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ae-repr` console script."""
+    launched = time.time()  # a run's start-up is counted from here (imports and the temporary API included)
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)
+    args.launched = launched
     # progress (INFO) to stdout, problems (WARNING and up) to stderr: a failure's stderr is its error line
     quiet = getattr(args, "quiet", False)
     info = logging.StreamHandler(sys.stdout)
