@@ -61,7 +61,7 @@ from ae_repr.models import Autoencoder, build_model, module_init
 
 from .fewshot import fewshot_episodes, fewshot_row, usable_k
 from .inputs import SharedResults, digest, labels, model_dir, pass_rows, raw_inputs, split_mask, subsample
-from .probe import fit_frozen_head
+from .probe import fit_frozen_head, head_weights
 from .results import result_frame
 
 log = logging.getLogger(__name__)
@@ -229,13 +229,7 @@ def _lp_head(
     model.eval()
     with torch.inference_mode():
         z = model.encode(x).numpy()  # float32, as stored in feature files
-    pipe = fit_frozen_head(z, y, Cs=(cfg.fewshot_c,), folds=0, seed=seed)
-    scaler, logreg = pipe.named_steps["scale"], pipe.named_steps["logreg"]
-    w, b = logreg.coef_, logreg.intercept_  # (C, K), (C,); binary: one row for the positive class
-    if w.shape[0] == 1:
-        w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
-    w = w / scaler.scale_  # logits = W (z - mean) / scale + b
-    b = b - w @ scaler.mean_
+    w, b = head_weights(fit_frozen_head(z, y, Cs=(cfg.fewshot_c,), folds=0, seed=seed))
     with module_init():  # its random init is overwritten below, but must not shift a seeded build elsewhere
         head = nn.Linear(z.shape[1], n_classes)
     with torch.no_grad():

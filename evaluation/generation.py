@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,10 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import stats
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 
 from ae_repr.config import EvalConfig
 from ae_repr.likelihoods import Likelihood, likelihood_for
@@ -65,6 +61,7 @@ from ae_repr.models import Autoencoder, GaussianPosterior, Prior, Quantized
 from .context import AppContext, TaskOutput
 from .inputs import SharedResults, digest, label_problem, pass_rows, single_thread, subsample
 from .intervals import interval_fields, mean_interval
+from .probe import fit_frozen_head
 from .rate_distortion import kl_per_dim
 from .results import result_frame, result_row
 
@@ -334,17 +331,10 @@ def fit_quality_classifier(ctx: AppContext) -> Pipeline:
     assert labels is not None, f"{ctx.name}: the quality classifier needs labels"
     x, y = ctx.flat(train), labels[train]
 
-    def fit() -> Pipeline:
-        clf = Pipeline(
-            [
-                ("scale", StandardScaler()),
-                ("logreg", LogisticRegression(C=1.0, max_iter=1000, random_state=ctx.seed)),
-            ]
-        )
-        with single_thread(), warnings.catch_warnings():
-            # separable pixel data can stop lbfgs at max_iter; the probabilities are still usable
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            return clf.fit(x, y)
+    def fit() -> Pipeline:  # separable pixel data can stop lbfgs at max_iter; the probabilities are still usable
+        head = fit_frozen_head(x, y, Cs=(1.0,), folds=0, seed=ctx.seed)
+        assert isinstance(head, Pipeline)
+        return head
 
     return _QUALITY_CLASSIFIERS.get(digest(x, y, np.asarray(ctx.seed)).hex(), fit)
 

@@ -232,3 +232,40 @@ def test_wide_features_search_c_on_fewer_rows(tmp_path, caplog):
     pred = pipe.set_params(**best).fit(synth.x[tr], synth.y[tr]).predict(synth.x[te])
     accuracy = rows.set_index("metric").loc["accuracy", "value"]
     assert accuracy == pytest.approx(float((pred == synth.y[te]).mean()))
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_wide_few_shot_head_in_the_rows_span_is_plain_sklearns_head(n_classes):
+    """30 rows of 600 features: fit_frozen_head solves in the 30-dimensional span of the scaled rows, and
+    its head (mapped back by head_weights) is the one plain scikit-learn finds on all 600, to solver tolerance."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from evaluation.probe import SPAN_RATIO, fit_frozen_head, head_weights
+
+    rng = np.random.default_rng(0)
+    y = np.arange(30) % n_classes
+    x = (rng.normal(size=(30, 600)) + 0.3 * y[:, None] * rng.normal(size=600)).astype(np.float32)
+    x_test = rng.normal(size=(200, 600)).astype(np.float32)
+    assert SPAN_RATIO * len(x) <= x.shape[1]
+    span = fit_frozen_head(x, y, Cs=(1.0,), folds=0)
+    assert "rows" in span.named_steps and span.named_steps["rows"].components_.shape == (30, 600)
+    plain = Pipeline([("scale", StandardScaler()),
+                      ("logreg", LogisticRegression(C=1.0, tol=1e-10, max_iter=100_000))]).fit(x, y)
+    np.testing.assert_allclose(span.predict_proba(x_test), plain.predict_proba(x_test), atol=2e-3)
+    # the weights themselves: in the rows' span, equal to plain's (which the penalty put there too)
+    w, b = head_weights(span)
+    w_plain, b_plain = head_weights(plain)
+    np.testing.assert_allclose(w, w_plain, atol=2e-3 * np.abs(w_plain).max())
+    np.testing.assert_allclose(b, b_plain, atol=2e-3 * max(1.0, np.abs(b_plain).max()))
+    # head_weights is the pipeline's own decision: the same arg-max on every test row
+    np.testing.assert_array_equal((x_test @ w.T + b).argmax(1), span.predict(x_test))
+
+
+def test_narrow_features_keep_the_plain_head():
+    from evaluation.probe import fit_frozen_head
+
+    rng = np.random.default_rng(1)
+    head = fit_frozen_head(rng.normal(size=(40, 16)), np.arange(40) % 2, Cs=(1.0,), folds=0)
+    assert list(head.named_steps) == ["scale", "logreg"]
