@@ -26,7 +26,13 @@ from ae_repr.models import (
     inference_copy,
     model_config,
 )
-from ae_repr.models.backbones import DenseConv, SubpixelConvTranspose, make_decoder, make_encoder
+from ae_repr.models.backbones import (
+    DenseConv,
+    SubpixelConvTranspose,
+    inplace_activations,
+    make_decoder,
+    make_encoder,
+)
 from ae_repr.variants import BUILTIN, registry, variant_names
 
 SHAPES = [(64,), (1, 8, 8)]
@@ -232,3 +238,28 @@ def test_inference_copy_keeps_large_convs() -> None:
     partly = inference_copy(model, max_entries=40_000)
     assert _convs(partly) == 1 and isinstance(partly.encoder[0], DenseConv) and isinstance(partly.decoder[5], DenseConv)
     assert isinstance(partly.decoder[3], SubpixelConvTranspose)  # 32 -> 2 channels: few outputs
+
+
+def test_activations_go_in_place_only_after_a_fresh_output() -> None:
+    """In place after a Linear or conv (nothing else holds that output), not first in a Sequential (its input is
+    the caller's); the inference copy's activations go in place, the model's stay as trained, the map is the same."""
+    seq = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(4, 4), torch.nn.SiLU(),
+                              torch.nn.Unflatten(1, (1, 2, 2)), torch.nn.SiLU())
+    inplace_activations(seq)
+    assert [m.inplace for m in seq if isinstance(m, torch.nn.SiLU)] == [False, True, False]
+    x = torch.randn(3, 4)
+    before = x.clone()
+    with torch.inference_mode():
+        seq(x)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)  # the caller's tensor is untouched
+
+    model = _model("vae", (1, 64, 64)).eval()
+    fast = inference_copy(model)
+    acts = [m for m in fast.modules() if isinstance(m, torch.nn.SiLU)]
+    assert acts and all(m.inplace for m in acts)
+    assert not any(m.inplace for m in model.modules() if isinstance(m, torch.nn.SiLU))
+    x = _x((1, 64, 64))
+    before = x.clone()
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.reconstruct(x), model.reconstruct(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
