@@ -48,12 +48,31 @@ def single_thread() -> Iterator[None]:
     for tens of seconds whenever other processes shared the cores; one thread is as fast when idle.
     Torch's own OpenMP runtime is left alone: the limit is process-wide, and torch work in another
     thread (a fine-tune arm, a training task) would otherwise switch thread counts mid-run and sum
-    in a different order, so its results would depend on timing.
+    in a different order, so its results would depend on timing. For the same reason the limit holds
+    until the last thread inside leaves: restored when the first left, it gave the ones still inside two
+    BLAS threads, and FastICA's components differ by up to 8.0 between one and two (dSprites), so the
+    ica baseline's scores changed from run to run.
     """
-    controller = ThreadpoolController()  # the libraries loaded now (cheap: no thread start)
-    others = [lib.filepath for lib in controller.lib_controllers if f"{os.sep}torch{os.sep}" not in lib.filepath]
-    with controller.select(filepath=others).limit(limits=1):
+    global _single_inside
+    with _SINGLE_LOCK:
+        controller = ThreadpoolController()  # the libraries loaded now (cheap: no thread start)
+        others = [lib.filepath for lib in controller.lib_controllers
+                  if f"{os.sep}torch{os.sep}" not in lib.filepath and lib.num_threads != 1]
+        if others:  # libraries loaded since the first thread came in get limited too
+            _single_limits.append(controller.select(filepath=others).limit(limits=1))
+        _single_inside += 1
+    try:
         yield
+    finally:
+        with _SINGLE_LOCK:
+            _single_inside -= 1
+            while not _single_inside and _single_limits:
+                _single_limits.pop().restore_original_limits()
+
+
+_SINGLE_LOCK = threading.Lock()
+_single_inside = 0  # threads inside `single_thread`
+_single_limits: list = []  # the limits they set, undone newest first when the last one leaves
 
 
 def check_feature_file(ff: FeatureFile) -> FeatureFile:

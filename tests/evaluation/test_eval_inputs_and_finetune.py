@@ -352,3 +352,44 @@ def test_end_to_end_arms_score_a_bounded_test_subsample(ae_file, monkeypatch):
     assert len(scored) == 1 and len(scored[0]) == 10 < int((ae_file.frame["split"] == "test").sum())
     expected = np.searchsorted(np.unique(ae_file.frame["label"]), ae_file.frame["label"].to_numpy()[rows])
     np.testing.assert_array_equal(scored[0].numpy(), expected)
+
+
+def test_single_thread_holds_until_the_last_thread_inside_leaves():
+    """Two task threads inside `single_thread` at once: the first to leave must not give the other its BLAS
+    threads back (FastICA's result depends on their number); the last to leave restores them. The main thread
+    reads the limit (OpenBLAS reports the process-wide count there)."""
+    import threading
+
+    from threadpoolctl import ThreadpoolController
+
+    from evaluation.inputs import single_thread
+
+    def blas_threads() -> set[int]:
+        return {lib.num_threads for lib in ThreadpoolController().select(internal_api="openblas").lib_controllers}
+
+    assert blas_threads(), "numpy's OpenBLAS is not loaded"
+    inside = {name: (threading.Event(), threading.Event()) for name in ("a", "b")}  # (entered, may leave)
+    left = {name: threading.Event() for name in inside}
+
+    def task(name: str) -> None:
+        entered, may_leave = inside[name]
+        with single_thread():
+            entered.set()
+            may_leave.wait(10)
+        left[name].set()
+
+    before = blas_threads()
+    assert before != {1}, f"OpenBLAS runs {before} thread(s) already: this test needs two cores to tell"
+    threads = [threading.Thread(target=task, args=(name,)) for name in inside]
+    threads[0].start()
+    assert inside["a"][0].wait(10)
+    threads[1].start()
+    assert inside["b"][0].wait(10)
+    inside["a"][1].set()
+    assert left["a"].wait(10)
+    seen = {"b inside, a left": blas_threads()}
+    inside["b"][1].set()
+    for t in threads:
+        t.join(10)
+    seen["both left"] = blas_threads()
+    assert seen == {"b inside, a left": {1}, "both left": before}
