@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -354,42 +356,67 @@ def test_end_to_end_arms_score_a_bounded_test_subsample(ae_file, monkeypatch):
     np.testing.assert_array_equal(scored[0].numpy(), expected)
 
 
+_TWO_TASKS = """
+import json, threading
+import numpy as np
+from evaluation.inputs import single_thread
+
+rng = np.random.default_rng(0)
+a, b = rng.normal(size=100_000), rng.normal(size=100_000)
+out = {}
+
+def run(fn):
+    t = threading.Thread(target=fn)
+    t.start()
+    t.join(10)
+
+def alone():
+    with single_thread():
+        out["one thread"] = float(a @ b)
+
+run(alone)
+run(lambda: out.__setitem__("unlimited", float(a @ b)))
+entered = {name: threading.Event() for name in "ab"}
+a_left = threading.Event()
+
+def task_a():
+    with single_thread():
+        entered["a"].set()
+        entered["b"].wait(10)
+    a_left.set()
+
+def task_b():
+    entered["a"].wait(10)
+    with single_thread():
+        entered["b"].set()
+        a_left.wait(10)
+        out["b after a left"] = float(a @ b)
+
+threads = [threading.Thread(target=task_a), threading.Thread(target=task_b)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(10)
+run(lambda: out.__setitem__("after both left", float(a @ b)))
+print(json.dumps(out))
+"""
+
+
 def test_single_thread_holds_until_the_last_thread_inside_leaves():
     """Two task threads inside `single_thread` at once: the first to leave must not give the other its BLAS
-    threads back (FastICA's result depends on their number); the last to leave restores them. The main thread
-    reads the limit (OpenBLAS reports the process-wide count there)."""
-    import threading
+    threads back (FastICA's result depends on their number). Seen by what BLAS computes: a long dot product
+    sums in another order on two threads, so B's product after A left must be the one-thread product. In a
+    fresh process: the BLAS thread state earlier tests leave behind would blur it."""
+    import json
+    import subprocess
+    import sys
 
-    from threadpoolctl import ThreadpoolController
-
-    from evaluation.inputs import single_thread
-
-    def blas_threads() -> set[int]:
-        return {lib.num_threads for lib in ThreadpoolController().select(internal_api="openblas").lib_controllers}
-
-    assert blas_threads(), "numpy's OpenBLAS is not loaded"
-    inside = {name: (threading.Event(), threading.Event()) for name in ("a", "b")}  # (entered, may leave)
-    left = {name: threading.Event() for name in inside}
-
-    def task(name: str) -> None:
-        entered, may_leave = inside[name]
-        with single_thread():
-            entered.set()
-            may_leave.wait(10)
-        left[name].set()
-
-    before = blas_threads()
-    assert before != {1}, f"OpenBLAS runs {before} thread(s) already: this test needs two cores to tell"
-    threads = [threading.Thread(target=task, args=(name,)) for name in inside]
-    threads[0].start()
-    assert inside["a"][0].wait(10)
-    threads[1].start()
-    assert inside["b"][0].wait(10)
-    inside["a"][1].set()
-    assert left["a"].wait(10)
-    seen = {"b inside, a left": blas_threads()}
-    inside["b"][1].set()
-    for t in threads:
-        t.join(10)
-    seen["both left"] = blas_threads()
-    assert seen == {"b inside, a left": {1}, "both left": before}
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.fail("needs two cores: on one, BLAS runs one thread whatever the limit")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", _TWO_TASKS], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["one thread"] != out["unlimited"], f"BLAS ran one thread anyway: nothing to tell apart ({out})"
+    assert out["b after a left"] == out["one thread"], out
+    assert out["after both left"] == out["unlimited"], out  # the limit was undone
