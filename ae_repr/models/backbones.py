@@ -156,8 +156,9 @@ def inference_copy(model: M, max_entries: int = 1 << 20) -> M:
     """A copy of a trained model for inference only (its weights frozen as they are now) in which every
     conv layer whose dense matrix has at most `max_entries` elements is a `DenseConv`, the other transposed convs
     with few output channels are `SubpixelConvTranspose`s, and the rest are channels-last, its activations in
-    place where nothing else reads their input (`inplace_activations`); the model itself when it has no conv. Outputs equal the model's up to float rounding. Layers and their shapes are
-    found by one `reconstruct` of a zero input; a layer seen with several input shapes stays a conv."""
+    place where nothing else reads their input (`inplace_activations`); the model itself when it has no conv.
+    Outputs equal the model's up to float rounding. Layers and their shapes are found by one `reconstruct` of a
+    zero input; a layer seen with several input shapes stays a conv."""
     convs = {m: name for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)}
     if not convs:
         return model
