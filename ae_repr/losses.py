@@ -42,6 +42,28 @@ def reparameterize(
     return mu + (0.5 * logvar).exp() * eps
 
 
+def proposal_shift(n: int, widen: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor | float:
+    """Log-variance offsets, (n, 1), drawing n rows from the defensive mixture 1/2 q + 1/2 q_widen (q with every
+    standard deviation times `widen`): 0 for a row drawn from q, 2 log widen for one drawn wide, each with
+    probability 1/2. `widen` 1: plain q, 0.0, and no random number is drawn."""
+    if widen == 1.0:
+        return 0.0
+    wide = torch.rand(n, 1, generator=generator, device=device) < 0.5
+    return wide * (2 * math.log(widen))
+
+
+def mixture_log_density(levels: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], widen: float) -> torch.Tensor:
+    """log of the proposal density at its draws, (B,): q = prod over `levels` (z, mu, logvar) of N(z; mu,
+    exp(logvar)), and for `widen` > 1 the mixture 1/2 q + 1/2 q_widen that `proposal_shift` draws from (one
+    component for all levels of a row, so the mixture is of the joint densities)."""
+    log_q = sum(gaussian_log_density(z, mu, logvar) for z, mu, logvar in levels)
+    if widen == 1.0:
+        return log_q
+    shift = 2 * math.log(widen)
+    log_wide = sum(gaussian_log_density(z, mu, logvar + shift) for z, mu, logvar in levels)
+    return torch.logaddexp(log_q, log_wide) - math.log(2)
+
+
 def repeat_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """(B, ...) -> (n * B, ...): `t` stacked n times, draw-major (row i of draw s at s * B + i)."""
     return t if n == 1 else t.repeat(n, *([1] * (t.dim() - 1)))

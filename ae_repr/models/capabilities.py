@@ -26,8 +26,12 @@ class GaussianPosterior(Protocol):
         """Per-row, per-dimension KL(q(z|x) || p(z)), (B, latent_dim)."""
         ...
 
-    def log_weight(self, x: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1) -> torch.Tensor:
-        """log p(x, z) - log q(z|x) at `draws` posterior draws per row, (draws * B,) draw-major."""
+    def log_weight(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1, widen: float = 1.0
+    ) -> torch.Tensor:
+        """log p(x, z) - log r(z|x) at `draws` draws z ~ r per row, (draws * B,) draw-major: r = q(z|x), or with
+        `widen` > 1 the mixture 1/2 q + 1/2 q_widen, q with every standard deviation times `widen`
+        (`ae_repr.losses.proposal_shift`, `mixture_log_density`)."""
         ...
 
 

@@ -23,6 +23,8 @@ from ..losses import (
     gaussian_kl,
     gaussian_kl_two,
     gaussian_log_density,
+    mixture_log_density,
+    proposal_shift,
     reparameterize,
     repeat_rows,
     vae_terms,
@@ -125,26 +127,28 @@ class HierVAE(GaussianLatentScores, Autoencoder):
         return state
 
     def infer(
-        self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None, draws: int = 1
+        self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None, draws: int = 1,
+        shift: torch.Tensor | float = 0.0,
     ) -> tuple[torch.Tensor, list[Level]]:
         """Posterior pass: final top-down state and each level's distributions, bottom first.
 
         With `draws` > 1 the bottom-up pass runs once and the top-down pass `draws` times per row, as
-        (draws * B) rows, draw-major.
+        (draws * B) rows, draw-major. `shift` is added to every level's log-variance when drawing
+        (`proposal_shift`); the levels keep q's own.
         """
         feats = [self.encoder(x)]
         for block in self.bottom_up:
             feats.append(block(feats[-1]))
         feats = [repeat_rows(f, draws) for f in feats]
         mu, logvar = self.top_posterior(feats[-1]).float().chunk(2, dim=1)
-        top = Level(mu, logvar, None, None, reparameterize(mu, logvar, generator) if sample else mu)
+        top = Level(mu, logvar, None, None, reparameterize(mu, logvar + shift, generator) if sample else mu)
         levels: list[Level] = []
 
         def draw(lvl: int, state: torch.Tensor) -> torch.Tensor:
             mu_p, logvar_p = self.priors[lvl](state).float().chunk(2, dim=1)
             d_mu, d_logvar = self.posteriors[lvl](torch.cat([feats[lvl], state], dim=1)).float().chunk(2, dim=1)
             mu_q, logvar_q = mu_p + d_mu, logvar_p + d_logvar  # residual normal: posterior relative to prior
-            z = reparameterize(mu_q, logvar_q, generator) if sample else mu_q
+            z = reparameterize(mu_q, logvar_q + shift, generator) if sample else mu_q
             levels.append(Level(mu_q, logvar_q, mu_p, logvar_p, z))
             return z
 
@@ -167,14 +171,18 @@ class HierVAE(GaussianLatentScores, Autoencoder):
         levels = self.infer(x, sample=generator is not None, generator=generator)[1]
         return torch.cat([lv.kl() for lv in levels], dim=1)  # (B, latent_dim), bottom first
 
-    def log_weight(self, x: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1) -> torch.Tensor:
-        """log p(x, z) - log q(z|x) at `draws` draws of every level from the posterior, constants included,
-        (draws * B,) draw-major; the bottom-up pass runs once per row."""
-        state, levels = self.infer(x, generator=generator, draws=draws)
+    def log_weight(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1, widen: float = 1.0
+    ) -> torch.Tensor:
+        """log p(x, z) - log r(z|x) at `draws` draws of every level, constants included, (draws * B,) draw-major;
+        r is the posterior q, or with `widen` > 1 the defensive mixture 1/2 q + 1/2 q_widen of the joint (each
+        draw's every level from one component, `proposal_shift`). The bottom-up pass runs once per row."""
+        shift = proposal_shift(len(x) * draws, widen, generator, x.device)
+        state, levels = self.infer(x, generator=generator, draws=draws, shift=shift)
         log_w = self.likelihood.log_prob(self.decoder(state), repeat_rows(x, draws))
         for lv in levels:  # the top level's prior is N(0, I) (mu_p None); lower levels' come from the state
-            log_w = log_w + gaussian_log_density(lv.z, lv.mu_p, lv.logvar_p) - gaussian_log_density(lv.z, lv.mu_q, lv.logvar_q)
-        return log_w
+            log_w = log_w + gaussian_log_density(lv.z, lv.mu_p, lv.logvar_p)
+        return log_w - mixture_log_density([(lv.z, lv.mu_q, lv.logvar_q) for lv in levels], widen)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Ancestral draws from the prior, top level first, decoded, (n, *input_shape)."""

@@ -16,6 +16,8 @@ from ..likelihoods import Likelihood
 from ..losses import (
     gaussian_kl,
     gaussian_log_density,
+    mixture_log_density,
+    proposal_shift,
     reparameterize,
     repeat_rows,
     vae_terms,
@@ -66,16 +68,19 @@ class VAE(GaussianLatentScores, Autoencoder):
         """Per-row, per-dimension KL(q(z|x) || N(0, I)), (B, latent_dim); exact, so `generator` is unused."""
         return gaussian_kl(*self.posterior(x))
 
-    def log_weight(self, x: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1) -> torch.Tensor:
-        """log p(x, z) - log q(z|x) at `draws` z ~ q(z|x) per row, constants included, (draws * B,) draw-major.
+    def log_weight(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1, widen: float = 1.0
+    ) -> torch.Tensor:
+        """log p(x, z) - log r(z|x) at `draws` z ~ r(z|x) per row, constants included, (draws * B,) draw-major;
+        r is q(z|x), or with `widen` > 1 the defensive mixture 1/2 q + 1/2 q_widen (`proposal_shift`).
 
-        Its mean over draws is the ELBO; -log of the mean of exp over S draws is the importance-sampled NLL.
-        The encoder runs once per row, whatever the number of draws.
+        With r = q its mean over draws is the ELBO; -log of the mean of exp over S draws is the importance-sampled
+        NLL for any r. The encoder runs once per row, whatever the number of draws.
         """
         mu, logvar, x = (repeat_rows(t, draws) for t in (*self.posterior(x), x))
-        z = reparameterize(mu, logvar, generator)
+        z = reparameterize(mu, logvar + proposal_shift(len(mu), widen, generator, mu.device), generator)
         log_px = self.likelihood.log_prob(self.decoder(z), x)
-        return log_px + gaussian_log_density(z) - gaussian_log_density(z, mu, logvar)
+        return log_px + gaussian_log_density(z) - mixture_log_density([(z, mu, logvar)], widen)
 
     def loss(
         self,

@@ -62,6 +62,36 @@ def test_reparameterize_generator_is_reproducible() -> None:
     assert torch.equal(a, b) and not torch.equal(a, mu)
 
 
+def test_mixture_log_density_is_the_two_component_density_of_the_joint() -> None:
+    """1/2 q + 1/2 q_w over two levels, against scipy's Gaussians: each component is the product over levels."""
+    import numpy as np
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(0)
+    levels = [(torch.randn(5, d, generator=g), torch.randn(5, d, generator=g), torch.randn(5, d, generator=g))
+              for d in (3, 2)]
+
+    def component(scale: float) -> np.ndarray:
+        return sum(stats.norm.logpdf(z.numpy(), mu.numpy(), scale * np.exp(0.5 * lv.numpy())).sum(1)
+                   for z, mu, lv in levels)
+
+    want = np.logaddexp(component(1.0), component(2.0)) - math.log(2)
+    torch.testing.assert_close(losses.mixture_log_density(levels, 2.0).double(), torch.from_numpy(want), atol=1e-5, rtol=0)
+    torch.testing.assert_close(losses.mixture_log_density(levels, 1.0).double(), torch.from_numpy(component(1.0)),
+                               atol=1e-5, rtol=0)
+
+
+def test_proposal_shift_draws_each_component_half_the_time() -> None:
+    g = torch.Generator().manual_seed(0)
+    shift = losses.proposal_shift(20_000, 2.0, g, torch.device("cpu"))
+    assert shift.shape == (20_000, 1)
+    assert shift.unique().tolist() == pytest.approx([0.0, 2 * math.log(2.0)])
+    assert abs(float((shift > 0).double().mean()) - 0.5) < 0.02  # 4 standard errors
+    state = g.get_state()
+    assert losses.proposal_shift(10, 1.0, g, torch.device("cpu")) == 0.0  # q alone: nothing drawn
+    assert torch.equal(g.get_state(), state)
+
+
 def test_kl_penalty_free_bits_floor_per_dimension() -> None:
     kl_dims = torch.tensor([[0.1, 2.0, 0.0], [0.3, 4.0, 0.0]])  # batch means: 0.2, 3.0, 0.0
     assert losses.kl_penalty(kl_dims).item() == pytest.approx(3.2)
