@@ -79,7 +79,7 @@ SHOWN = 16  # prior samples kept as a picture
 ROW_BATCH = 64  # rows per importance-sampling pass: with `chunk` draws each, memory stays bounded
 ENCODE_BATCH = 1024
 # posterior draws per row for `elbo`, its own (nll_is draws from a wider proposal); the mean over 500 rows moved
-# from 50 draws' by 0.3-0.4 nats on dSprites (of 460-495) and by 0.01-0.04 on digits (of 85-87)
+# from 50 draws' by 0.08-0.19 nats on dSprites (of 460-495) and by 0.04 on digits (of 85-87)
 ELBO_DRAWS = 8
 
 
@@ -165,17 +165,15 @@ class AdaptiveNLL:
         return float(self.half_nll.mean() - self.nll.mean())
 
 
-def _row_stats(log_w: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """NLL, delta-method MC variance and mean log weight (the ELBO where the draws come from q) per row of
-    (S_max, N) log weights padded with -inf."""
+def _row_stats(log_w: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL and delta-method MC variance per row of (S_max, N) log weights padded with -inf."""
     lw = log_w.double()
     n = counts.double()
     nll = n.log() - torch.logsumexp(lw, 0)
     w = torch.exp(lw - lw.amax(0))  # padding -> 0
     mean = w.sum(0) / n
     var = (w.pow(2).sum(0) - n * mean.pow(2)) / (n - 1)
-    mean_log_w = torch.where(torch.isfinite(lw), lw, 0.0).sum(0) / n
-    return nll, var.clamp_min(0) / (n * mean.pow(2)), mean_log_w
+    return nll, var.clamp_min(0) / (n * mean.pow(2))
 
 
 def adaptive_nll(
@@ -207,7 +205,7 @@ def adaptive_nll(
                 for j, r in enumerate(rows):
                     log_w[counts[r] : counts[r] + draws, r] = lw[:, j]
         counts += more
-        nll, var, _ = _row_stats(log_w, counts)
+        nll, var = _row_stats(log_w, counts)
         target = cfg.nll_mc_ratio * float(nll.std()) / math.sqrt(n_rows)
         # both the sampler's noise and the bound's looseness (its bias, about half each row's variance: Nowozin
         # 2018) must be under the target; a row above its share of either gets more draws
@@ -226,16 +224,15 @@ def _proposal(widen: float) -> str:
 
 
 @torch.inference_mode()
-def elbo_per_row(
-    model: GaussianPosterior, inputs: Callable[[np.ndarray], torch.Tensor], n_rows: int, *, generator: torch.Generator
-) -> np.ndarray:
+def elbo_per_row(ctx: AppContext, rows: np.ndarray) -> torch.Tensor:
     """Each row's ELBO, (N,): the mean log weight of `ELBO_DRAWS` draws from the posterior q itself."""
-    out = []
-    for start in range(0, n_rows, ROW_BATCH):
-        x = inputs(np.arange(start, min(start + ROW_BATCH, n_rows)))
-        chunk = min(ELBO_DRAWS, max(1, pass_rows(x[0].numel()) // len(x)))
-        out.append(log_weights(model, x, ELBO_DRAWS, generator=generator, chunk=chunk).double().mean(0).cpu())
-    return torch.cat(out).numpy()
+    model, generator = ctx.model, _generator(ctx)
+
+    def elbo(x: torch.Tensor) -> torch.Tensor:
+        chunk = max(1, pass_rows(x[0].numel()) // len(x))  # draws per pass
+        return log_weights(model, x, ELBO_DRAWS, generator=generator, chunk=chunk).double().mean(0)
+
+    return _map_rows(ctx, rows, elbo)
 
 
 # --- priors, interpolations, traversals --------------------------------------------------------
@@ -410,7 +407,7 @@ def generation(ctx: AppContext) -> TaskOutput:
         # discrete likelihoods give probabilities of the raw levels already; a density needs the Jacobian
         jac = ctx.normalizer.log_abs_det(model.input_dim) if lik.continuous else 0.0
         per_row = est.nll - jac  # (N,), nats in the data's own units
-        elbo = float(elbo_per_row(model, inputs, len(rows), generator=_generator(ctx)).mean()) + jac
+        elbo = float(elbo_per_row(ctx, rows).mean()) + jac
         nll, mc_se = float(per_row.mean()), est.mc_se
         rows_out += [
             result_row(name, TASK, "nll_is", nll, **_row_interval(per_row, cfg, ctx.seed)),
