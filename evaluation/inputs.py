@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import pandas as pd
 import torch
-from threadpoolctl import ThreadpoolController
+from threadpoolctl import OpenBLASController, ThreadpoolController
 
 from ae_repr.data import Dataset, Normalizer, data_changed, load_dataset
 from ae_repr.errors import UserError
@@ -52,9 +52,15 @@ def single_thread() -> Iterator[None]:
     until the last thread inside leaves: restored when the first left, it gave the ones still inside two
     BLAS threads, and FastICA's components differ by up to 8.0 between one and two (dSprites), so the
     ica baseline's scores changed from run to run.
+
+    threadpoolctl lets only the first thread that limited OpenBLAS change it again until that thread ends;
+    the limits here are set and undone under one lock, by whichever thread comes first or leaves last, so
+    each change first takes that control: otherwise an undo from another thread while the first one still
+    lived did nothing, and OpenBLAS stayed at one thread for the rest of the process.
     """
     global _single_inside
     with _SINGLE_LOCK:
+        OpenBLASController.clear_controlling_thread(force=True)
         controller = ThreadpoolController()  # the libraries loaded now (cheap: no thread start)
         others = [lib.filepath for lib in controller.lib_controllers
                   if f"{os.sep}torch{os.sep}" not in lib.filepath and lib.num_threads != 1]
@@ -66,6 +72,7 @@ def single_thread() -> Iterator[None]:
     finally:
         with _SINGLE_LOCK:
             _single_inside -= 1
+            OpenBLASController.clear_controlling_thread(force=True)
             while not _single_inside and _single_limits:
                 _single_limits.pop().restore_original_limits()
 

@@ -379,11 +379,15 @@ run(lambda: out.__setitem__("unlimited", float(a @ b)))
 entered = {name: threading.Event() for name in "ab"}
 a_left = threading.Event()
 
-def task_a():
+b_left = threading.Event()
+measured = threading.Event()
+
+def task_a():  # lives on until the last product: OpenBLAS control stays with a live thread that set a limit
     with single_thread():
         entered["a"].set()
         entered["b"].wait(10)
     a_left.set()
+    measured.wait(10)
 
 def task_b():
     entered["a"].wait(10)
@@ -391,13 +395,16 @@ def task_b():
         entered["b"].set()
         a_left.wait(10)
         out["b after a left"] = float(a @ b)
+    b_left.set()
 
 threads = [threading.Thread(target=task_a), threading.Thread(target=task_b)]
 for t in threads:
     t.start()
+b_left.wait(10)
+run(lambda: out.__setitem__("after both left", float(a @ b)))
+measured.set()
 for t in threads:
     t.join(10)
-run(lambda: out.__setitem__("after both left", float(a @ b)))
 print(json.dumps(out))
 """
 
@@ -405,8 +412,9 @@ print(json.dumps(out))
 def test_single_thread_holds_until_the_last_thread_inside_leaves():
     """Two task threads inside `single_thread` at once: the first to leave must not give the other its BLAS
     threads back (FastICA's result depends on their number). Seen by what BLAS computes: a long dot product
-    sums in another order on two threads, so B's product after A left must be the one-thread product. In a
-    fresh process: the BLAS thread state earlier tests leave behind would blur it."""
+    sums in another order on two threads, so B's product after A left must be the one-thread product. A's
+    thread lives until the last product, so the undo by B must also take OpenBLAS control from a thread
+    that is still alive. In a fresh process: the BLAS thread state earlier tests leave behind would blur it."""
     import json
     import subprocess
     import sys
