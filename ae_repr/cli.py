@@ -314,11 +314,19 @@ def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
     cfg = with_applications(_load_cfg(args), args.applications).with_seeds(args.seeds)
     cfg = cfg.with_orchestration(executor=args.executor, ray_address=args.ray_address)
     _check_dataset(cfg.data.dataset)
+    from flows.early_api import api_booting
+
+    with api_booting() as api_ready:  # the temporary Prefect API boots while the checks below import and load
+        return _checked_run(args, cfg, created, api_ready)
+
+
+def _checked_run(args: argparse.Namespace, cfg: ExperimentConfig, created: list[Path],
+                 api_ready: Callable[[], None]) -> int:
     from flows.plan import trainings_at_once
 
     from .memory import check_dataset_fits
 
-    # from the data's headers: a run that cannot fit is refused before any folder, server or training
+    # from the data's headers: a run that cannot fit is refused before any folder or training
     sized = check_dataset_fits(cfg, variants_at_once=trainings_at_once(cfg))
     if args.no_tracking:
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
@@ -333,19 +341,17 @@ def _cmd_run(args: argparse.Namespace, created: list[Path]) -> int:
 
         preflight(cfg)
     out = _out_dir(args.out or os.path.join("runs", cfg.data.dataset.replace(":", "_").replace("/", "_")), created)
-    from flows.early_api import api_booting
-
     from .io import exclusive_lock
 
-    with exclusive_lock(out), api_booting() as api_ready:
+    with exclusive_lock(out):
         from flows.pretrain_and_probe import data_for
 
         data = data_for(cfg)  # bad data fails here, in one line, before the flow starts (the flow reuses this load)
         if sized is None:  # headers that do not tell the size (a CSV file): from the data
             check_dataset_fits(cfg, data=data, variants_at_once=trainings_at_once(cfg))
+        api_ready()
         if ray:  # every node must see the run folder, reach the Prefect API and run this code
             executor.check_start(cfg, out)
-        api_ready()
         return run_local(cfg, out, progress="off" if args.quiet else "live" if sys.stdout.isatty() else "plain",
                          debug=args.debug, launched=args.launched)
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import threading
+import os
+import signal
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -69,32 +73,72 @@ def test_unknown_dataset_is_rejected_before_the_api_boots(tmp_path: Path, monkey
     assert not (tmp_path / "o").exists()
 
 
-class _SlowServer:
-    """A temporary API that never answers: its start returns only when stopped (or after 15 s)."""
-
-    def __init__(self) -> None:
-        self.stopped = threading.Event()
-
-    def start(self, timeout: int | None = None) -> None:
-        self.stopped.wait(15)
-
-    def stop(self) -> None:
-        self.stopped.set()
+def _never_answers(port: int) -> list[str]:
+    """A temporary API that never answers: a process that sleeps for a minute."""
+    return [sys.executable, "-c", "import time; time.sleep(60)"]
 
 
-def test_a_data_error_cancels_the_api_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    import prefect.server.api.server
+def test_a_data_error_stops_the_booting_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import flows.early_api
 
-    server = _SlowServer()
-    monkeypatch.setattr(prefect.server.api.server, "SubprocessASGIServer", lambda: server)
+    stopped = []
+
+    def stop(proc: subprocess.Popen) -> None:
+        stopped.append(proc)
+        real_stop(proc)
+
+    real_stop = flows.early_api.stop
+    monkeypatch.setattr(flows.early_api, "server_command", _never_answers)
+    monkeypatch.setattr(flows.early_api, "stop", stop)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\nx,y\n")  # found out only by loading it: the boot is already under way
     assert main(["run", "--dataset", str(bad), "--no-tracking", "--out", str(tmp_path / "o")]) == 2
     assert "not numeric" in capsys.readouterr().err
-    assert server.stopped.is_set()  # cancelled, not waited for
+    assert len(stopped) == 1 and stopped[0].returncode == -signal.SIGTERM  # stopped while booting, not waited for
+
+
+_PARENT = """
+import time
+from flows.early_api import api_booting
+
+with api_booting():
+    print("booting", flush=True)
+    time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_the_api_server_dies_with_its_run(tmp_path: Path) -> None:
+    """SIGKILL on the run (nothing of it runs after) still stops its temporary server, booting or not: the kernel
+    sends it SIGTERM."""
+    env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_ENABLED": "true"}
+    env.pop("PREFECT_API_URL", None)
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert parent.stdout.readline().strip() == "booting"
+        children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+        assert len(children) == 1, children
+        server = int(children[0])
+        assert _alive(server)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while _alive(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(server):
+        os.kill(server, signal.SIGKILL)
+        pytest.fail("the server outlived its run")
 
 
 def test_flow_parameters_carry_descriptions() -> None:
