@@ -63,6 +63,32 @@ def test_knn_chance_and_perfect(tmp_path, synth):
     assert (abs(noise["value"] - 0.25) < 0.15).all()
 
 
+def test_knn_holds_a_bounded_block_of_distances(tmp_path, monkeypatch):
+    """kNN on 6,000 train and 6,000 test rows: the full distance matrix is 288 MB (float64); predicted in chunks
+    of KNN_WORKING_MB, it never is all in memory, and the neighbours, so the accuracies, are the same."""
+    import tracemalloc
+
+    import evaluation.probe
+
+    rng = np.random.default_rng(0)
+    n = 12000
+    y = rng.integers(0, 4, size=n)
+    z = np.eye(4)[y] + rng.normal(size=(n, 4))
+    path = write_features(tmp_path / "wide.parquet", sample_id=np.arange(n), split=np.array(["train", "test"] * (n // 2)),
+                          label=y, z=z, metadata={"variant": "wide"})
+    ff, cfg = read_features(path), EvalConfig(knn_k=(5,))
+    peaks, values = {}, {}
+    for mb in (1024, evaluation.probe.KNN_WORKING_MB):
+        monkeypatch.setattr(evaluation.probe, "KNN_WORKING_MB", mb)
+        tracemalloc.start()
+        values[mb] = knn(ff, cfg)["value"].tolist()
+        peaks[mb] = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    assert peaks[1024] > 288, peaks  # the whole matrix at once: the measurement sees it
+    assert peaks[evaluation.probe.KNN_WORKING_MB] < 144, peaks  # less than half of it
+    assert values[1024] == values[evaluation.probe.KNN_WORKING_MB]
+
+
 def test_fewshot_frozen_interval_and_seeds(tmp_path, synth):
     cfg = EvalConfig(fewshot_k=(1, 5), fewshot_seeds=6)
     ff = read_features(write_ff(tmp_path / "onehot.parquet", synth, _onehot_noise(synth, noise=0.8)))
