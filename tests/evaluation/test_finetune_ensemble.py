@@ -90,6 +90,23 @@ def test_ensemble_trains_each_run_as_if_alone(variant, arm):
     assert (want[0] - want[1]).abs().max() > 1e-2
 
 
+def test_a_memory_bound_splits_the_ensemble_into_groups_with_the_same_results(monkeypatch):
+    """STEP_ELEMENTS lets one step hold two members' batches: the three runs train as groups of two and one,
+    each run as it trains in the whole ensemble."""
+    x_test = _images(90, seed=50)[0]
+    whole = _logits(_runs("vae", "finetune", vectorize=True), x_test)
+    groups = []
+    real = finetune._fit_ensemble
+    monkeypatch.setattr(finetune, "_fit_ensemble", lambda members, *a, **k: (groups.append(len(members)),
+                                                                               real(members, *a, **k)))
+    monkeypatch.setattr(finetune, "STEP_ELEMENTS", 2 * CFG.finetune_batch_size * int(np.prod(IMAGE)))
+    split = _logits(_runs("vae", "finetune", vectorize=True), x_test)
+    assert groups == [2, 1]
+    scale = whole.abs().max().item()
+    np.testing.assert_allclose(split.numpy() / scale, whole.numpy() / scale, rtol=0, atol=1e-5)
+    assert torch.equal(split.argmax(-1), whole.argmax(-1))
+
+
 class _ScalarGatedAE(REGISTRY["ae"].load()):
     """An AE whose encoder reads a data-dependent Python number, which vmap cannot trace."""
 
