@@ -53,14 +53,13 @@ def single_thread() -> Iterator[None]:
     BLAS threads, and FastICA's components differ by up to 8.0 between one and two (dSprites), so the
     ica baseline's scores changed from run to run.
 
-    threadpoolctl lets only the first thread that limited OpenBLAS change it again until that thread ends;
+    threadpoolctl lets only the thread that last changed OpenBLAS's limit change it while that thread lives;
     the limits here are set and undone under one lock, by whichever thread comes first or leaves last, so
-    each change first takes that control: otherwise an undo from another thread while the first one still
+    control is released around each change: otherwise an undo from another thread while the first one still
     lived did nothing, and OpenBLAS stayed at one thread for the rest of the process.
     """
     global _single_inside
-    with _SINGLE_LOCK:
-        OpenBLASController.clear_controlling_thread(force=True)
+    with _SINGLE_LOCK, _openblas_released():
         controller = ThreadpoolController()  # the libraries loaded now (cheap: no thread start)
         others = [lib.filepath for lib in controller.lib_controllers
                   if f"{os.sep}torch{os.sep}" not in lib.filepath and lib.num_threads != 1]
@@ -70,11 +69,20 @@ def single_thread() -> Iterator[None]:
     try:
         yield
     finally:
-        with _SINGLE_LOCK:
+        with _SINGLE_LOCK, _openblas_released():
             _single_inside -= 1
-            OpenBLASController.clear_controlling_thread(force=True)
             while not _single_inside and _single_limits:
                 _single_limits.pop().restore_original_limits()
+
+
+@contextmanager
+def _openblas_released() -> Iterator[None]:
+    """Any thread may change OpenBLAS's limit inside, and any other after (threadpoolctl's control released)."""
+    OpenBLASController.clear_controlling_thread(force=True)
+    try:
+        yield
+    finally:
+        OpenBLASController.clear_controlling_thread(force=True)
 
 
 _SINGLE_LOCK = threading.Lock()
