@@ -77,13 +77,37 @@ def version_with_weights(client: Any, name: str, weights: str) -> Any | None:
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
+def ensure_name(client: Any, name: str, variant: str, dataset: str) -> None:
+    """Create registered model `name` with its data set, variant and description, unless it exists.
+
+    In one store call: runs registering a new name at the same moment all try, one creates it and the others
+    are told it exists. Tags set after `register_model` created a bare name collided instead (UNIQUE constraint
+    failed on the second run's tag, and that run's model went untagged).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, tags={"dataset": dataset, "variant": variant},
+                                       description=f"{variant} encoder trained on {dataset}: raw rows in, "
+                                                   "representation out")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
 def ensure_champion(client: Any, name: str) -> None:
     """Give the `champion` alias of `name` to its lowest (first registered) version when no version holds it."""
+    from mlflow.exceptions import MlflowException
+
     if CHAMPION in client.get_registered_model(name).aliases:
         return
     # the lowest version, not our own: two first registrations at once must both point the alias at one version
     (first,) = client.search_model_versions(f"name = '{name}'", max_results=1, order_by=["version_number ASC"])
-    client.set_registered_model_alias(name, CHAMPION, str(first.version))
+    try:
+        client.set_registered_model_alias(name, CHAMPION, str(first.version))
+    except MlflowException:  # another run set it at the same moment (to the same lowest version)
+        if CHAMPION not in client.get_registered_model(name).aliases:
+            raise
 
 
 def settle_duplicate(client: Any, name: str, version: str, weights: str) -> str:
@@ -146,17 +170,11 @@ def log_encoder(client: Any, run_id: str, variant: str, model_dir: Path, example
         # the version is created with its identity (the weights checksum above all) in one store call: a process
         # killed right after registering leaves a version a rerun recognises, never an anonymous duplicate
         tags = {**identity, **({"seed": str(seed)} if seed is not None else {})}
+        ensure_name(client, name, variant, identity.get("dataset", ""))
         version = str(mlflow.register_model(model.model_uri, name, tags=tags).version)
         if (kept := settle_duplicate(client, name, version, weights)) != version:
             _tag_unchanged(client, run_id, name, kept, weights)
             return
-        registered = client.get_registered_model(name)
-        if "dataset" not in registered.tags:
-            client.set_registered_model_tag(name, "dataset", identity.get("dataset", ""))
-            client.set_registered_model_tag(name, "variant", variant)
-            client.update_registered_model(name, description=f"{variant} encoder trained on "
-                                                             f"{identity.get('dataset', '?')}: raw rows in, "
-                                                             "representation out")
         ensure_champion(client, name)
         client.set_tag(run_id, REGISTERED_MODEL_TAG, name)
         client.set_tag(run_id, MODEL_VERSION_TAG, version)
