@@ -415,3 +415,19 @@ def test_writer_retries_then_goes_offline():
     assert [n.what for n in w.not_logged] == ["down", "later"]
     assert w.close(5)
     json.dumps([n.__dict__ for n in w.not_logged])
+
+
+def test_a_registered_name_another_run_created_is_kept_as_it_was(tmp_path: Path) -> None:
+    """The second of two runs registering a new name (at the same moment, in the scenario tests) is told it
+    exists and goes on: the first run's tags and description stay, nothing raises."""
+    from mlflow import MlflowClient
+
+    from flows.tracking.models import ensure_name
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    ensure_name(client, "ae-repr-digits-vae", "vae", "digits")
+    ensure_name(client, "ae-repr-digits-vae", "beta_vae", "other")
+    model = client.get_registered_model("ae-repr-digits-vae")
+    assert model.tags == {"dataset": "digits", "variant": "vae"}
+    assert model.description.startswith("vae encoder trained on digits")
