@@ -360,17 +360,13 @@ def run_local(cfg: ExperimentConfig, out: Path, progress: Literal["live", "plain
               debug: bool = False, launched: float | None = None) -> int:
     """`ae-repr run`: the flow in-process with its progress (`live`, `plain` or `off`), then where its outputs are;
     returns the exit code. `launched` (epoch seconds): when the command started, where its start-up is counted from."""
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
-    from flows.early_api import startup_timeout
     from flows.pretrain_and_probe import TIMINGS, planned_tasks, pretrain_and_probe
     from flows.progress_log import showing_progress
 
     started = time.time() if launched is None else launched
     (out / TIMINGS).unlink(missing_ok=True)
-    with (temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup_timeout()}),
-          showing_progress(planned_tasks(cfg), epochs=cfg.train.epochs, max_steps=cfg.train.max_steps,
-                           mode=progress, keep_all=debug)):
+    with showing_progress(planned_tasks(cfg), epochs=cfg.train.epochs, max_steps=cfg.train.max_steps,
+                          mode=progress, keep_all=debug):
         state = pretrain_and_probe(config=cfg, out=str(out), return_state=True)
     report = out / "report.md"
     print()
