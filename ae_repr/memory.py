@@ -16,10 +16,12 @@ Parameters are counted exactly, by building each model on PyTorch's meta device 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +29,8 @@ from typing import TYPE_CHECKING
 from .errors import DataError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .config import ExperimentConfig
     from .data import Dataset
     from .models import ModelConfig
@@ -236,3 +240,23 @@ def check_dataset_fits(
         n, shape, itemsize, labels = len(data), data.shape, data.x.dtype.itemsize, data.labels is not None
     return check_fits(what, n, shape, cfg, variants_at_once=variants_at_once, itemsize=itemsize, labels=labels,
                       gpu_available=gpu_free_memory(cfg.train.device))
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None on a C library without it."""
+    try:
+        return ctypes.CDLL(None).malloc_trim  # the symbols this process has loaded: the C library's
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Return memory this process has freed to the system: Arrow's pool (where Parquet reads allocate) and
+    the C heap (glibc `malloc_trim`). Without it, freed memory stays in the process and each step's peak
+    adds to the next: the evaluation calls this after every task, where steps side by side would otherwise
+    stack their high-water marks."""
+    if (pa := sys.modules.get("pyarrow")) is not None:
+        pa.default_memory_pool().release_unused()
+    if (trim := _malloc_trim()) is not None:
+        trim(0)

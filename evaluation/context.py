@@ -72,7 +72,7 @@ class AppContext:
 
     def flat(self, rows: np.ndarray) -> np.ndarray:
         """Normalized samples of `rows` as float32, (n, D)."""
-        return self.normalizer.numpy(self.x_raw[rows]).reshape(len(rows), -1).astype(np.float32)
+        return self.normalizer.numpy(self.x_raw[rows]).reshape(len(rows), -1)
 
     def inputs(self, rows: np.ndarray) -> torch.Tensor:
         """Normalized samples of `rows` as the model takes them, (n, *input_shape) float32."""

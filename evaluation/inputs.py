@@ -10,7 +10,6 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -191,13 +190,28 @@ def _dataset(spec: str, sha256: str | None = None) -> Dataset:
     return load_dataset(spec)
 
 
-@dataclass(frozen=True)
 class RawInputs:
-    """The raw samples behind a feature file's rows (same order) and their train-fitted normalization."""
+    """The raw samples behind a feature file's rows (same order) and their normalization, fitted on its train
+    rows. The normalization and the normalized copy are computed when first asked for: a task that needs only
+    the samples, or the normalized form of a few rows, never holds a float32 copy of the whole data set."""
 
-    x: np.ndarray  # (N, *shape) raw dtype, aligned with the feature file's rows
-    flat: np.ndarray  # (N, D) float32, normalized with `normalizer`
-    normalizer: Normalizer  # fitted on the feature file's train rows
+    def __init__(self, x: np.ndarray, train: np.ndarray) -> None:
+        self.x = x  # (N, *shape) raw dtype, aligned with the feature file's rows
+        self._train = train  # boolean mask of the train rows
+
+    @functools.cached_property
+    def normalizer(self) -> Normalizer:
+        """Fitted on the feature file's train rows."""
+        return Normalizer.fit(self.x[self._train])
+
+    def flat_rows(self, rows: np.ndarray | slice) -> np.ndarray:
+        """Rows `rows`, flattened and normalized with `normalizer`: (len(rows), D) float32."""
+        return self.normalizer.numpy(self.x[rows]).reshape(-1, int(np.prod(self.x.shape[1:])))
+
+    @functools.cached_property
+    def flat(self) -> np.ndarray:
+        """Every row, flattened and normalized: (N, D) float32."""
+        return self.flat_rows(slice(None))
 
 
 def dataset_of(ff: FeatureFile) -> tuple[Dataset, np.ndarray]:
@@ -218,10 +232,7 @@ def dataset_of(ff: FeatureFile) -> tuple[Dataset, np.ndarray]:
 def raw_inputs(ff: FeatureFile) -> RawInputs:
     """Load the data set named in `ff`'s metadata and align it to `ff`'s rows by sample_id."""
     ds, pos = dataset_of(ff)
-    x = ds.x[pos]
-    normalizer = Normalizer.fit(x[(ff.frame["split"] == "train").to_numpy()])
-    flat = normalizer.numpy(x).reshape(len(x), -1)  # (N, D)
-    return RawInputs(x, flat, normalizer)
+    return RawInputs(ds.x[pos], (ff.frame["split"] == "train").to_numpy())
 
 
 def split_mask(ff: FeatureFile, split: str) -> np.ndarray:

@@ -30,6 +30,7 @@ from ae_repr.checkpoint import DESCRIPTION, load_model
 from ae_repr.config import EvalConfig, TrainConfig
 from ae_repr.errors import UserError
 from ae_repr.io import META_PREFIX, FeatureFile, atomic_path, read_json, write_table
+from ae_repr.memory import release_free_memory
 
 from .app_plots import application_plots
 from .applications import (
@@ -102,6 +103,7 @@ def _runner(name: str, frames: list[pd.DataFrame], log: LogFn | None) -> RunFn:
         start = time.perf_counter()
         logger.debug("%s: %s started", name, task, extra={"eval_task": task})  # `eval_task`: for progress displays
         frame = fn()
+        release_free_memory()  # what the task freed: a task beside it in another thread would stack on its peak
         frames.append(frame)
         logger.info("%s: %s done in %.2fs (%d rows)", name, task, time.perf_counter() - start, len(frame),
                     extra={"eval_task": task})

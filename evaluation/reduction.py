@@ -32,14 +32,22 @@ from ae_repr.config import EvalConfig
 from ae_repr.io import FeatureFile, read_json
 
 from .baselines import make_baseline
-from .inputs import RawInputs, is_learned, model_dir, raw_inputs, single_thread, split_mask, subsample
+from .inputs import (
+    RawInputs,
+    is_learned,
+    model_dir,
+    pass_rows,
+    raw_inputs,
+    single_thread,
+    split_mask,
+    subsample,
+)
 from .intervals import interval_fields, mean_interval, ordered_test_rows
 from .results import result_frame, result_row
 
 log = logging.getLogger(__name__)
 
 TRUST_NEIGHBORS = 10
-_BATCH = 2048
 
 
 def reduction(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFrame:
@@ -51,7 +59,7 @@ def reduction(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFram
     n_neighbors = min(TRUST_NEIGHBORS, (len(sub) - 1) // 2)  # sklearn needs n_neighbors < n / 2
     if n_neighbors >= 1:
         with single_thread():
-            t = trustworthiness_per_row(raw.flat[sub], ff.z[sub], n_neighbors)
+            t = trustworthiness_per_row(raw.flat_rows(sub), ff.z[sub], n_neighbors)
         rows.append(result_row(ff.name, "reduction", "trustworthiness", t.mean(),
                                **interval_fields(mean_interval(t, n_boot, seed), n_boot)))
     mse = recon_mse_per_row(ff, raw, seed=seed)
@@ -87,10 +95,11 @@ def recon_mse_per_row(ff: FeatureFile, raw: RawInputs, *, seed: int = 0) -> np.n
     if not is_learned(ff):
         if ff.meta.get("variant", ff.name) != "pca":
             return None
-        pca = make_baseline("pca", len(ff.z_columns), raw.flat[train], seed=seed)
+        x_train = raw.flat_rows(train)
+        pca = make_baseline("pca", len(ff.z_columns), x_train, seed=seed)
         with single_thread():
-            pca.fit(raw.flat[train])
-            x = raw.flat[test]
+            pca.fit(x_train)
+            x = raw.flat_rows(test)
             return np.mean((pca.inverse_transform(pca.transform(x)) - x) ** 2, axis=1, dtype=np.float64)
     mdir = model_dir(ff)
     if mdir is None or not mdir.is_dir():
@@ -102,7 +111,7 @@ def recon_mse_per_row(ff: FeatureFile, raw: RawInputs, *, seed: int = 0) -> np.n
     x = x.reshape(len(x), *loaded.model.input_shape)  # (N, *input_shape)
     per_row = []
     with torch.inference_mode():
-        for xb in x.split(_BATCH):
+        for xb in x.split(pass_rows(x[0].numel())):
             per_row.append(((loaded.model.reconstruct(xb) - xb) ** 2).double().flatten(1).mean(1))
     return torch.cat(per_row).numpy()
 

@@ -155,13 +155,14 @@ class Normalizer:
         """Normalize a raw batch on its device as float32."""
         shift = torch.as_tensor(self.shift, dtype=torch.float32, device=x.device)
         scale = torch.as_tensor(self.scale, dtype=torch.float32, device=x.device)
-        return (x.float() - shift) * scale
+        return (x.float() - shift).mul_(scale)  # in place on the difference: one float copy of the batch, not two
 
     def numpy(self, x: np.ndarray) -> np.ndarray:
-        """Normalize a raw array as float32."""
-        return ((x.astype(np.float32) - self.shift.astype(np.float32)) * self.scale.astype(np.float32)).astype(
-            np.float32
-        )
+        """Normalize a raw array as float32 (one float32 copy of `x`, normalized in place: no temporaries of its size)."""
+        out = x.astype(np.float32)
+        out -= self.shift.astype(np.float32)
+        out *= self.scale.astype(np.float32)
+        return out
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "shift": np.asarray(self.shift).tolist(), "scale": np.asarray(self.scale).tolist()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from ae_repr.errors import UserError
 from ae_repr.io import read_features, write_features
 from evaluation import fewshot_frozen, knn, linear_probe, reduction, write_baselines
 from evaluation.fewshot import fewshot_episodes, t_interval
+from evaluation.inputs import raw_inputs
 from evaluation.results import RESULT_COLUMNS, RESULT_DTYPES
 
 
@@ -141,6 +143,25 @@ def test_trustworthiness_identity_is_one_and_projection_lower(tmp_path, synth):
     )
     assert t_id == pytest.approx(1.0, abs=1e-6)
     assert t_rp < t_id - 0.02
+
+
+def test_raw_inputs_normalize_only_the_rows_asked_for(tmp_path):
+    """A task's few rows of normalized input cost those rows, not a float32 copy of the data set; they equal the
+    same rows of the full copy, and the train split's z-score computed here."""
+    synth = make_synth(tmp_path, class_sizes=(500, 500, 500, 500))
+    raw = raw_inputs(read_features(write_ff(tmp_path / "f.parquet", synth, _onehot_noise(synth))))
+    rows = np.array([17, 0, 5])
+    assert raw.normalizer.kind == "standard"  # fitted once, on the train rows
+    tracemalloc.start()
+    try:
+        part = raw.flat_rows(rows)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < synth.x.size * 4 / 10
+    x_train = synth.x[synth.train].astype(np.float64)
+    np.testing.assert_allclose(part, (synth.x[rows] - x_train.mean(0)) / x_train.std(0), rtol=1e-5)
+    np.testing.assert_array_equal(part, raw.flat[rows])
 
 
 def test_pca_baseline_recon_mse_equals_sklearn(tmp_path, synth):
