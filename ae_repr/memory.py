@@ -12,6 +12,9 @@ The estimate adds up what is alive at the peak, every term in bytes:
   float64 copy), few-shot fine-tuning's ensemble (one model per episode with its gradients and Adam
   moments), extraction's input batch.
 Parameters are counted exactly, by building each model on PyTorch's meta device (shapes only, no memory).
+
+`release_free_memory` hands what the process has freed back to the system between steps (the evaluation
+calls it after every task), so that steps running side by side do not stack their high-water marks.
 """
 
 from __future__ import annotations
