@@ -9,6 +9,10 @@ losses and the optimizer are not counted; the trainer's validation pass is timed
 The peak is the best of five 2048x2048 `torch.mm` calls, measured in every round next to a full
 trainer run (20k random binary 28x28 rows, batch 128, 2 epochs); a round's fraction is the trainer's
 FLOP/s over that round's peak, on the wall clock and on this process's CPU clock.
+
+`run(..., threads=n)` measures both sides at n torch threads. `ae-repr run` trains each model with
+`flows.plan.threads_per_task()` threads (the cores shared by the two task runs side by side: one each on two
+cores), so the full and quick runs measure that case too, beside the process's own thread count.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from _common import Measured, alternate, measure, rounds_main, say
 from trainer_vs_bare import config, trainer
 
 from ae_repr.models import build_model
+from ae_repr.train import torch_threads
 
 GOAL = 0.5
 MM = 2048
@@ -40,16 +45,21 @@ def peak() -> Measured:
     return min((measure(lambda: (torch.mm(a, b), 2.0 * MM**3)[1]) for _ in range(5)), key=lambda m: m.wall)
 
 
-def run(rounds: int, rows: int = 20_000) -> dict[str, Any]:
-    """Alternate peak and trainer runs; returns FLOP/s of each and the fractions of peak."""
+def run(rounds: int, rows: int = 20_000, threads: int | None = None) -> dict[str, Any]:
+    """Alternate peak and trainer runs (at `threads` torch threads, else the process's); returns FLOP/s of each
+    and the fractions of peak."""
     from _common import random_binary
+
+    if threads is not None:
+        with torch_threads(threads):
+            return run(rounds, rows) | {"threads": threads}
 
     data, cfg = random_binary(rows, (1, 28, 28)), config("vae", "mlp", 2)
     model = build_model("vae", cfg.models.model_config_for("vae"), data.shape, "bernoulli")
     macs, first = linear_macs(model)
     executed, rule = 6 * macs - 2 * first, 6 * macs
     res = alternate({"peak": peak, "trainer": lambda: trainer("vae", cfg, data)}, rounds)
-    out: dict[str, Any] = {"macs_per_row": macs, "flop_per_row_executed": executed, "flop_per_row_6x": rule,
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "macs_per_row": macs, "flop_per_row_executed": executed, "flop_per_row_6x": rule,
                            "rounds": res}
     for clock in ("wall", "cpu"):
         peaks = [p.rate(clock) for p in res["peak"]]
@@ -58,7 +68,7 @@ def run(rounds: int, rows: int = 20_000) -> dict[str, Any]:
                       "fraction": statistics.median(t / p for t, p in zip(train, peaks, strict=True)),
                       "fraction_6x": statistics.median(t / p * rule / executed for t, p in zip(train, peaks, strict=True))}
     c, w = out["cpu"], out["wall"]
-    say(f"FLOP/s: MLP VAE {macs:,} MACs/row, {executed / 1e6:.2f} MFLOP/row executed ({rule / 1e6:.2f} by 6x params)")
+    say(f"FLOP/s at {torch.get_num_threads()} torch thread(s): MLP VAE {macs:,} MACs/row, {executed / 1e6:.2f} MFLOP/row executed ({rule / 1e6:.2f} by 6x params)")
     say(f"  per CPU-s : peak {c['peak_gflops']:.0f} GFLOP, trainer {c['train_gflops']:.0f} GFLOP -> "
         f"{c['fraction']:.1%} of peak ({c['fraction_6x']:.1%} by 6x params)")
     say(f"  per wall-s: peak {w['peak_gflops']:.0f} GFLOP/s, trainer {w['train_gflops']:.0f} GFLOP/s -> "

@@ -29,6 +29,7 @@ import vs_handwritten
 from _common import dump, machine, say
 
 from ae_repr.config import ALL_VARIANTS
+from flows.plan import threads_per_task
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = list(ALL_VARIANTS)  # the registry's default run
@@ -61,6 +62,7 @@ def plan(quick: bool) -> dict[str, Callable[[], dict[str, Any]]]:
     steps: dict[str, Callable[[], dict[str, Any]]] = {
         "trainer_vs_bare": lambda: trainer_cases(quick),
         "flops": lambda: flops.run(2 if quick else 3),
+        "flops_per_task": lambda: flops.run(2 if quick else 3, threads=threads_per_task()),
         "extraction": lambda: extraction.run(100_000, 3 if quick else 5),
         "small_images": lambda: small_images.run(1),
     }
