@@ -9,7 +9,10 @@ the smallest train class is skipped with a warning. Each arm reports test `accur
 
 `fewshot_frozen` fits the same logistic head as the linear probe (`fit_frozen_head`) with the fixed
 C = `EvalConfig.fewshot_c` (k*C rows are too few to cross-validate) on the frozen features.
-The end-to-end arms (`fewshot_finetune`, `fewshot_scratch`) live in `evaluation.finetune`.
+The end-to-end arms (`fewshot_finetune`, `fewshot_scratch`) live in `evaluation.finetune`; they start from
+the same head on their encoder's encodings of the shots (`shots_head`). A learned representation's heads
+are kept for them: the fine-tune arm's encoder is the one that wrote the features, so where its encodings
+are the same bits (the batch size can change the last bits of a convolution) the frozen arm's head is reused.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from sklearn.metrics import accuracy_score
+from sklearn.pipeline import Pipeline
 
 from ae_repr.config import EvalConfig
 from ae_repr.io import FeatureFile
 
-from .inputs import labels, split_mask
+from .inputs import SharedResults, digest, is_learned, labels, split_mask
 from .probe import fit_frozen_head
 from .results import CI_FEWSHOT_EPISODES, result_frame, result_row
 
@@ -80,14 +84,29 @@ def fewshot_row(representation: str, task: str, k: int, accuracies: list[float])
     )
 
 
+_SHOT_HEADS: SharedResults[Pipeline] = SharedResults()
+
+
+def shots_head(z: np.ndarray, y: np.ndarray, cfg: EvalConfig, *, keep: bool = True) -> Pipeline:
+    """The logistic head (C = fewshot_c) on one episode's shot encodings `z`; with `keep`, fitted once per process
+    for the same encodings and labels. No CV and one C: the fit draws nothing at random, so no seed enters it."""
+    def fit() -> Pipeline:
+        head = fit_frozen_head(z, y, Cs=(cfg.fewshot_c,), folds=0)
+        assert isinstance(head, Pipeline)
+        return head
+
+    return _SHOT_HEADS.get(digest(z, y, np.asarray(cfg.fewshot_c)).hex(), fit) if keep else fit()
+
+
 def fewshot_frozen(ff: FeatureFile, cfg: EvalConfig, *, seed: int = 0) -> pd.DataFrame:
     """Few-shot test accuracy of a logistic head on the frozen features, per k, over seeds."""
     z, y, te = ff.z, labels(ff), split_mask(ff, "test")
+    keep = is_learned(ff)  # the fine-tune arm starts from these heads; a baseline's (raw: 4096 wide) have no reader
     rows = []
     for k in usable_k(ff, cfg, task="fewshot_frozen")[0]:
         accs = []
         for shots in fewshot_episodes(ff, k, cfg.fewshot_seeds, seed=seed):
-            head = fit_frozen_head(z[shots], y[shots], Cs=(cfg.fewshot_c,), folds=0, seed=seed)
+            head = shots_head(z[shots], y[shots], cfg, keep=keep)
             accs.append(accuracy_score(y[te], head.predict(z[te])))
         rows.append(fewshot_row(ff.name, "fewshot_frozen", k, accs))
     return result_frame(rows)

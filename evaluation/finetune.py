@@ -12,9 +12,9 @@ the k shots per class (`protocol` says it in one sentence):
    no-pretraining control sees. Variants without such state are unchanged by it (no normalization
    layers; its random draws come from a private seeded generator).
 3. The head starts as the frozen-feature logistic head fitted on the shots' encodings
-   (`fit_frozen_head`, C = fewshot_c), folded into one `nn.Linear` (linear probe, then fine-tune:
-   Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"), so training starts from the
-   frozen arm's solution rather than from a random head.
+   (`fewshot.shots_head`, C = fewshot_c: the frozen arm's own head where the encodings are the same bits),
+   folded into one `nn.Linear` (linear probe, then fine-tune: Kumar et al. 2022, "Fine-Tuning can Distort
+   Pretrained Features"), so training starts from the frozen arm's solution rather than from a random head.
 4. A fixed schedule at every k: Adam (lr = finetune_lr, fused) on all parameters, cross-entropy,
    exactly finetune_epochs passes over the shots in batches of finetune_batch_size (one full-batch
    step per epoch while k*C <= finetune_batch_size, as for k <= 50 on 10 classes). No held-out
@@ -59,9 +59,9 @@ from ae_repr.config import EvalConfig
 from ae_repr.io import FeatureFile, read_json
 from ae_repr.models import Autoencoder, build_model, module_init
 
-from .fewshot import fewshot_episodes, fewshot_row, usable_k
+from .fewshot import fewshot_episodes, fewshot_row, shots_head, usable_k
 from .inputs import SharedResults, digest, labels, model_dir, pass_rows, raw_inputs, split_mask, subsample
-from .probe import fit_frozen_head, head_weights
+from .probe import head_weights
 from .results import result_frame
 
 log = logging.getLogger(__name__)
@@ -222,14 +222,12 @@ def _initial_model(loaded: LoadedModel, arm: Arm, seed: int, x_shots: torch.Tens
     return model
 
 
-def _lp_head(
-    model: Autoencoder, x: torch.Tensor, y: np.ndarray, n_classes: int, cfg: EvalConfig, seed: int
-) -> nn.Linear:
+def _lp_head(model: Autoencoder, x: torch.Tensor, y: np.ndarray, n_classes: int, cfg: EvalConfig) -> nn.Linear:
     """The frozen-feature logistic head on the shots, its scaler folded in, as an nn.Linear."""
     model.eval()
     with torch.inference_mode():
         z = model.encode(x).numpy()  # float32, as stored in feature files
-    w, b = head_weights(fit_frozen_head(z, y, Cs=(cfg.fewshot_c,), folds=0, seed=seed))
+    w, b = head_weights(shots_head(z, y, cfg))  # the frozen arm's head where these encodings are its features
     with module_init():  # its random init is overwritten below, but must not shift a seeded build elsewhere
         head = nn.Linear(z.shape[1], n_classes)
     with torch.no_grad():
@@ -280,8 +278,7 @@ def _fine_tuned(
     """Each encoder (trained in place) with its LP-initialized head, fine-tuned on its own shots (the same
     number for all): as one vectorized ensemble, or one after another where the encoder does not vectorize."""
     members = [
-        _Classifier(model, _lp_head(model, x, y, n_classes, cfg, seed))
-        for model, (x, y), seed in zip(models, shots, seeds, strict=True)
+        _Classifier(model, _lp_head(model, x, y, n_classes, cfg)) for model, (x, y) in zip(models, shots, strict=True)
     ]
     x = torch.stack([x for x, _ in shots])  # (M, n, *input_shape)
     y = torch.stack([torch.from_numpy(y) for _, y in shots])  # (M, n)

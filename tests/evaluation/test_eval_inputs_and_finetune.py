@@ -29,12 +29,16 @@ QUICK = EvalConfig(fewshot_k=(1, 5), fewshot_seeds=3, map_method="none", trustwo
 
 @pytest.fixture(autouse=True)
 def _no_shared_scratch_results():
-    """Each test computes its scratch arms itself: results stored by an earlier test would skip the spies."""
+    """Each test computes its scratch arms and shot heads itself: results stored by an earlier test would skip the
+    spies."""
+    import evaluation.fewshot as fewshot
     import evaluation.finetune as finetune
 
     finetune._SCRATCH_RESULTS.clear()
+    fewshot._SHOT_HEADS.clear()
     yield
     finetune._SCRATCH_RESULTS.clear()
+    fewshot._SHOT_HEADS.clear()
 
 
 def _z(synth, width=K, seed=0):
@@ -132,6 +136,34 @@ def test_finetune_starts_from_the_frozen_head(ae_file):
     assert list(tuned["k"]) == list(frozen["k"]) == [1, 5]
     n_test = int((ae_file.frame["split"] == "test").sum())
     np.testing.assert_allclose(tuned["value"], frozen["value"], atol=1.5 / n_test)
+
+
+def test_finetune_arm_takes_the_frozen_arms_heads_where_its_encodings_are_the_features(ae_file, monkeypatch):
+    """After the frozen arm, the fine-tune arm fits a head only for episodes whose shot encodings differ from the
+    stored features in some bit; its accuracies are those it gets fitting every head itself."""
+    import torch
+
+    import evaluation.fewshot as fewshot
+    from ae_repr.checkpoint import load_model
+    from evaluation.inputs import model_dir, raw_inputs
+
+    cfg = QUICK.model_copy(update={"finetune_epochs": 3})
+    alone = fewshot_finetune(ae_file, cfg)  # every head fitted by the arm itself
+    fewshot._SHOT_HEADS.clear()
+    loaded = load_model(model_dir(ae_file))
+    x = loaded.normalizer.torch(torch.from_numpy(raw_inputs(ae_file).x))
+    differing = 0
+    for k in (1, 5):
+        for shots in fewshot.fewshot_episodes(ae_file, k, cfg.fewshot_seeds):
+            with torch.inference_mode():
+                differing += not np.array_equal(loaded.model.encode(x[shots]).numpy(), ae_file.z[shots])
+    fewshot_frozen(ae_file, cfg)
+    fits = []
+    real_fit = fewshot.fit_frozen_head
+    monkeypatch.setattr(fewshot, "fit_frozen_head", lambda *a, **kw: fits.append(1) or real_fit(*a, **kw))
+    after_frozen = fewshot_finetune(ae_file, cfg)
+    assert len(fits) == differing < 2 * cfg.fewshot_seeds  # some heads were the frozen arm's
+    pd.testing.assert_frame_equal(after_frozen, alone)
 
 
 def test_finetune_and_scratch_rows(ae_file):
@@ -284,7 +316,7 @@ def test_lp_head_folds_the_scaler_and_logistic_head_exactly(tmp_path, n_classes)
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.normal(size=(40, 16)).astype(np.float32) * 3)
     y = np.arange(40) % n_classes
-    head = _lp_head(loaded.model, x, y, n_classes, QUICK, seed=0)
+    head = _lp_head(loaded.model, x, y, n_classes, QUICK)
     with torch.inference_mode():
         z = loaded.model.encode(x)
         logits = head(z).numpy()
