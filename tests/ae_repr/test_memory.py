@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from traced import traced_peak
 
 from ae_repr import memory
 from ae_repr.checkpoint import load_model
@@ -185,12 +185,7 @@ def test_normalizing_holds_one_float32_copy_and_no_temporaries(kind: str) -> Non
          else rng.normal(size=(2000, 256)))
     norm = Normalizer.fit(x)
     expected = (x.astype(np.float64) - norm.shift) * norm.scale  # the same map, computed independently
-    tracemalloc.start()
-    try:
-        out = norm.numpy(x)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    out, peak = traced_peak(lambda: norm.numpy(x))
     assert out.dtype == np.float32 and out.shape == x.shape
     assert peak < 1.1 * out.nbytes
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -11,6 +10,7 @@ import pytest
 from eval_synth import D, Synth, make_synth, write_ff
 from scipy import stats
 from sklearn.decomposition import PCA
+from traced import traced_peak
 
 from ae_repr.config import EvalConfig
 from ae_repr.data import load_dataset
@@ -68,8 +68,6 @@ def test_knn_chance_and_perfect(tmp_path, synth):
 def test_knn_holds_a_bounded_block_of_distances(tmp_path, monkeypatch):
     """kNN on 6,000 train and 6,000 test rows: the full distance matrix is 288 MB (float64); predicted in chunks
     of KNN_WORKING_MB, it never is all in memory, and the neighbours, so the accuracies, are the same."""
-    import tracemalloc
-
     import evaluation.probe
 
     rng = np.random.default_rng(0)
@@ -82,10 +80,8 @@ def test_knn_holds_a_bounded_block_of_distances(tmp_path, monkeypatch):
     peaks, values = {}, {}
     for mb in (1024, evaluation.probe.KNN_WORKING_MB):
         monkeypatch.setattr(evaluation.probe, "KNN_WORKING_MB", mb)
-        tracemalloc.start()
-        values[mb] = knn(ff, cfg)["value"].tolist()
-        peaks[mb] = tracemalloc.get_traced_memory()[1] / 2**20
-        tracemalloc.stop()
+        frame, peak = traced_peak(lambda: knn(ff, cfg))
+        values[mb], peaks[mb] = frame["value"].tolist(), peak / 2**20
     assert peaks[1024] > 288, peaks  # the whole matrix at once: the measurement sees it
     assert peaks[evaluation.probe.KNN_WORKING_MB] < 144, peaks  # less than half of it
     assert values[1024] == values[evaluation.probe.KNN_WORKING_MB]
@@ -152,12 +148,7 @@ def test_raw_inputs_normalize_only_the_rows_asked_for(tmp_path):
     raw = raw_inputs(read_features(write_ff(tmp_path / "f.parquet", synth, _onehot_noise(synth))))
     rows = np.array([17, 0, 5])
     assert raw.normalizer.kind == "standard"  # fitted once, on the train rows
-    tracemalloc.start()
-    try:
-        part = raw.flat_rows(rows)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    part, peak = traced_peak(lambda: raw.flat_rows(rows))
     assert peak < synth.x.size * 4 / 10
     x_train = synth.x[synth.train].astype(np.float64)
     np.testing.assert_allclose(part, (synth.x[rows] - x_train.mean(0)) / x_train.std(0), rtol=1e-5)
