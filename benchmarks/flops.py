@@ -52,7 +52,7 @@ def run(rounds: int, rows: int = 20_000, threads: int | None = None) -> dict[str
 
     if threads is not None:
         with torch_threads(threads):
-            return run(rounds, rows) | {"threads": threads}
+            return run(rounds, rows)  # its result records the thread count
 
     data, cfg = random_binary(rows, (1, 28, 28)), config("vae", "mlp", 2)
     model = build_model("vae", cfg.models.model_config_for("vae"), data.shape, "bernoulli")
